@@ -1,0 +1,1 @@
+"""vLLM 0.32 V1 adapter: the only package that imports vLLM internals."""
