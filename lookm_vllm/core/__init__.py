@@ -1,0 +1,62 @@
+"""LOOK-M, the algorithm: pure torch on ``[kv_heads, seq, head_dim]`` tensors, no vLLM import.
+
+Per layer, at the end of prefill::
+
+    acc = AttentionAccumulator(num_kv_heads)
+    acc.update(queries_chunk, keys_so_far, query_start)     # once per prefill chunk
+    out = compress(keys, values, acc.scores, is_image, config)
+
+``scoring_queries(config, prompt_len)`` says how many of the last prompt queries must be fed.
+"""
+
+from .compress import CompressedKV, compress
+from .config import CompressionConfig
+from .merge import (
+    Assignment,
+    AverageMerge,
+    KVMerge,
+    PivotalMerge,
+    WeightedMerge,
+    assign_to_kept,
+)
+from .scoring import AttentionAccumulator, accumulated_attention, scoring_queries, snapkv_pool
+from .selection import (
+    H2OSelector,
+    RandomSelector,
+    Selection,
+    Selector,
+    SnapKVSelector,
+    StreamingSelector,
+    TextPriorSelector,
+    important_count,
+    recent_window_size,
+    select_kept,
+    selector_for,
+)
+
+__all__ = [
+    "Assignment",
+    "AttentionAccumulator",
+    "AverageMerge",
+    "CompressedKV",
+    "CompressionConfig",
+    "H2OSelector",
+    "KVMerge",
+    "PivotalMerge",
+    "RandomSelector",
+    "Selection",
+    "Selector",
+    "SnapKVSelector",
+    "StreamingSelector",
+    "TextPriorSelector",
+    "WeightedMerge",
+    "accumulated_attention",
+    "assign_to_kept",
+    "compress",
+    "important_count",
+    "recent_window_size",
+    "scoring_queries",
+    "select_kept",
+    "selector_for",
+    "snapkv_pool",
+]

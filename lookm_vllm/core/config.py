@@ -1,0 +1,136 @@
+"""The one compression configuration shared by the HTTP server, the per-request API and the plugin.
+
+Defaults live here and nowhere else. ``merge`` and ``scoring`` default to ``None`` in the input and
+are resolved from ``method`` at validation time, so a dumped config always states them explicitly
+and ``model_validate_json(model_dump_json())`` round-trips to an equal object.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["lookm", "h2o", "snapkv", "streaming", "random", "none"]
+MergeName = Literal["pivotal", "average", "weighted", "none"]
+MergeScope = Literal["all", "same_modality"]
+Scoring = Literal["full", "window"]
+
+# Methods whose selection ranks tokens by attention; the others need no queries at all.
+ATTENTION_METHODS: frozenset[str] = frozenset({"lookm", "h2o", "snapkv"})
+
+
+class CompressionConfig(BaseModel):
+    """How to compress one request's prompt KV cache at the end of prefill.
+
+    Parameters
+    ----------
+    method : {"lookm", "h2o", "snapkv", "streaming", "random", "none"}
+        Which tokens to keep. ``lookm`` is the paper's text-prior selection (only image tokens are
+        ever evicted); the others are the paper's baselines plus a random control. ``none``
+        disables compression and ignores every other field.
+    budget : float
+        Fraction of the prompt KV kept, the paper's alpha1 + alpha2, in (0, 1]. With ``lookm`` the
+        real kept fraction can be larger: all text is kept whatever the budget.
+    recent_ratio : float
+        The paper's alpha1: the last ``int(recent_ratio * L)`` positions (the recent window) are
+        always kept. Part of the budget, so ``0 <= recent_ratio <= budget``.
+    merge : {"pivotal", "average", "weighted", "none"}, optional
+        How evicted KV pairs are merged into kept ones (paper Eq. 9-12). Default: ``pivotal`` for
+        ``lookm`` (the paper's LOOK-M), ``none`` for the baselines. Any merge may be combined with
+        any method (e.g. ``h2o`` + ``average``); ``lookm`` + ``none`` is the paper's "TP only".
+    merge_scope : {"all", "same_modality"}
+        ``all`` (the paper): an evicted token merges into its most similar kept token of either
+        modality. ``same_modality``: only into kept tokens of its own modality (EffiVLM-Bench found
+        image-into-text merging hurts at very low budgets); dropped when there is none.
+    scoring : {"full", "window"}, optional
+        Which queries the attention scores sum over: all prompt queries (paper Eq. 4) or only the
+        last ``window`` ones (SnapKV's observation window). Default: ``window`` for ``snapkv``,
+        ``full`` otherwise. Ignored by methods that do not rank by attention.
+    window : int
+        Observation window W (number of last prompt queries) for ``scoring="window"``.
+    seed : int
+        Seed of the ``random`` method, so a request is reproducible.
+    sink_tokens : int
+        Number of initial "attention sink" tokens ``streaming`` keeps besides the recent tokens.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Method = "lookm"
+    budget: float = Field(
+        default=0.2, gt=0.0, le=1.0, strict=True, description="fraction of prompt KV kept, (0, 1]"
+    )
+    recent_ratio: float = Field(
+        default=0.1, ge=0.0, le=1.0, strict=True, description="recent-window fraction, <= budget"
+    )
+    merge: MergeName | None = None
+    merge_scope: MergeScope = "all"
+    scoring: Scoring | None = None
+    window: int = Field(default=32, ge=1, strict=True)
+    seed: int = Field(default=0, strict=True)
+    sink_tokens: int = Field(default=4, ge=0, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_method_defaults(cls, data: Any) -> Any:
+        # Resolved before field validation so the stored config is explicit and frozen from the
+        # start; an unknown method is left alone and reported by the field validation.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        method = data.get("method", cls.model_fields["method"].default)
+        if data.get("merge") is None:
+            data["merge"] = "pivotal" if method == "lookm" else "none"
+        if data.get("scoring") is None:
+            data["scoring"] = "window" if method == "snapkv" else "full"
+        return data
+
+    @model_validator(mode="after")
+    def _check_recent_within_budget(self) -> CompressionConfig:
+        if self.recent_ratio > self.budget:
+            raise ValueError(
+                f"recent_ratio ({self.recent_ratio}) must not exceed budget ({self.budget}): "
+                "the recent window is part of the kept budget"
+            )
+        return self
+
+    @classmethod
+    def parse(cls, obj: CompressionConfig | dict[str, Any] | str | None) -> CompressionConfig:
+        """Build a config from whatever a caller has at hand.
+
+        Parameters
+        ----------
+        obj : CompressionConfig, dict, str or None
+            An existing config (returned as is), a dict of fields, a JSON object string (as sent
+            through vLLM's ``vllm_xargs``), or ``None`` for the defaults.
+
+        Raises
+        ------
+        pydantic.ValidationError
+            A ``ValueError`` naming the offending field, for bad values or unknown fields.
+        TypeError
+            For any other type of ``obj``.
+        """
+        if obj is None:
+            return cls()
+        if isinstance(obj, cls):
+            return obj
+        if isinstance(obj, str):
+            return cls.model_validate_json(obj)
+        if isinstance(obj, dict):
+            return cls.model_validate(obj)
+        raise TypeError(
+            f"compression config must be a CompressionConfig, dict, JSON string or None, "
+            f"not {type(obj).__name__}"
+        )
+
+    @property
+    def is_active(self) -> bool:
+        """Whether this config can change a cache at all (not ``none``, budget below 1)."""
+        return self.method != "none" and self.budget < 1.0
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether ``compress`` needs accumulated attention scores for this config."""
+        return self.is_active and self.method in ATTENTION_METHODS

@@ -1,0 +1,217 @@
+"""Which prompt positions each KV head keeps: budgets, the text prior and the baselines.
+
+Budget (the paper's, for every method): with ``L`` prompt positions, the recent window ``R`` is the
+last ``M = int(recent_ratio * L)`` positions and ``N = int(budget * L) - M`` more are kept from the
+older positions. A method ranks the older positions per head; the shared :func:`select_kept` keeps
+the best of them. Some positions are *protected*, kept whatever their rank: the recent window,
+positions the engine marks non-evictable, and, for LOOK-M, every text token (the text prior).
+Protected older positions use up the ``N`` first, so per head::
+
+    kept = max(n_protected_older, N) + M          # the paper's max(n_text_nonrecent, N) + M
+
+which is the same count for every head, though which candidates are kept may differ per head.
+
+Whole-block engines: the number of kept *evictable* positions (protected ones included) is then
+rounded up to a multiple of ``keep_multiple`` (never beyond the number of evictable positions),
+by keeping the next-best candidates, so the kept evictable entries fill whole blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import CompressionConfig
+from .scoring import SNAPKV_POOL_KERNEL, snapkv_pool
+
+
+def recent_window_size(length: int, recent_ratio: float) -> int:
+    """``M = int(recent_ratio * L)``, the paper's alpha1 share (the recent window)."""
+    return int(recent_ratio * length)
+
+
+def important_count(length: int, budget: float, recent_ratio: float) -> int:
+    """``N = int(budget * L) - M``, the paper's alpha2 share (older positions kept by rank)."""
+    return int(budget * length) - recent_window_size(length, recent_ratio)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Ranks the older prompt positions of every KV head; higher is kept first.
+
+    Subclasses override :meth:`rank` and, to protect positions beyond the recent window and the
+    engine's non-evictable ones, :meth:`always_kept`.
+    """
+
+    def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
+        """Per-head ranking ``[H, L]`` (by default: the accumulated attention scores)."""
+        if scores is None:
+            raise ValueError(f"{type(self).__name__} ranks by attention: scores are required")
+        # Half-precision scores would create ties that decide by index (the reference's bf16 bug).
+        return scores.to(torch.promote_types(scores.dtype, torch.float32))
+
+    def always_kept(self, is_image: Tensor) -> Tensor | None:
+        """``[L]`` positions this method never evicts, or ``None``."""
+        return None
+
+
+@dataclass(frozen=True)
+class TextPriorSelector(Selector):
+    """LOOK-M's text-prior selection (paper Eq. 5, 8): only image tokens are ever evicted.
+
+    The paper adds ``T_p = max(scores)`` to every text score, so each text token outranks each
+    image token, and keeps ``T U TopN U R``. That equals protecting all text and ranking the image
+    tokens by their raw scores, which is what is done here: exact, with no offset that could tie a
+    zero-score text token with the best image token or be rounded away in low precision.
+    """
+
+    def always_kept(self, is_image: Tensor) -> Tensor:
+        return ~is_image
+
+
+@dataclass(frozen=True)
+class H2OSelector(Selector):
+    """H2O: per-head top-N by accumulated attention; text may be evicted."""
+
+
+@dataclass(frozen=True)
+class SnapKVSelector(Selector):
+    """SnapKV: observation-window scores, average-pooled over the key axis, per-head top-N."""
+
+    kernel_size: int = SNAPKV_POOL_KERNEL
+
+    def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
+        return snapkv_pool(super().rank(scores, num_heads, length), self.kernel_size)
+
+
+@dataclass(frozen=True)
+class StreamingSelector(Selector):
+    """StreamingLLM: the first ``sink_tokens`` positions, then the most recent ones."""
+
+    sink_tokens: int = 4
+
+    def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
+        rank = torch.arange(length, dtype=torch.float32)
+        rank[: self.sink_tokens] += 2 * length  # sinks above every later position
+        return rank.expand(num_heads, length)
+
+
+@dataclass(frozen=True)
+class RandomSelector(Selector):
+    """Random eviction (a control): ``torch.rand([H, L])`` from a CPU generator seeded ``seed``."""
+
+    seed: int = 0
+
+    def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.rand(num_heads, length, generator=generator)
+
+
+def selector_for(config: CompressionConfig) -> Selector:
+    """The selector of ``config.method`` (not defined for ``none``)."""
+    if config.method == "lookm":
+        return TextPriorSelector()
+    if config.method == "h2o":
+        return H2OSelector()
+    if config.method == "snapkv":
+        return SnapKVSelector()
+    if config.method == "streaming":
+        return StreamingSelector(sink_tokens=config.sink_tokens)
+    if config.method == "random":
+        return RandomSelector(seed=config.seed)
+    raise ValueError(f"method {config.method!r} selects nothing")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Outcome of :func:`select_kept`.
+
+    Attributes
+    ----------
+    kept_mask : Tensor
+        bool ``[H, L]``, True where head h keeps position j; the same count in every row.
+    num_kept : int
+        Kept positions per head.
+    num_kept_evictable : int
+        Kept positions per head that are evictable (a multiple of ``keep_multiple`` unless every
+        evictable position is kept).
+    """
+
+    kept_mask: Tensor
+    num_kept: int
+    num_kept_evictable: int
+
+
+def _round_up(count: int, multiple: int) -> int:
+    return -(-count // multiple) * multiple
+
+
+def select_kept(
+    selector: Selector,
+    scores: Tensor | None,
+    is_image: Tensor,
+    config: CompressionConfig,
+    num_heads: int,
+    evictable: Tensor | None = None,
+    keep_multiple: int = 1,
+) -> Selection:
+    """Choose the kept positions of every head under the paper's budget (see module docstring).
+
+    Parameters
+    ----------
+    selector : Selector
+        The method's ranking and protected positions.
+    scores : Tensor, optional
+        ``[H, L]`` accumulated attention; only read when candidates must be ranked.
+    is_image : Tensor
+        bool ``[L]``, True at image-token positions.
+    config : CompressionConfig
+        Supplies ``budget`` and ``recent_ratio``.
+    num_heads : int
+        Number of KV heads ``H``.
+    evictable : Tensor, optional
+        bool ``[L]``; False positions are always kept and count toward the kept total. All
+        positions are evictable when not given.
+    keep_multiple : int
+        The kept evictable count is rounded up to a multiple of this.
+
+    Returns
+    -------
+    Selection
+    """
+    length = is_image.shape[0]
+    device = is_image.device
+    if keep_multiple < 1:
+        raise ValueError(f"keep_multiple must be >= 1, got {keep_multiple}")
+    if evictable is None:
+        evictable = torch.ones(length, dtype=torch.bool, device=device)
+    recent = torch.arange(length, device=device) >= length - recent_window_size(
+        length, config.recent_ratio
+    )
+    protected = recent | ~evictable
+    always_kept = selector.always_kept(is_image)
+    if always_kept is not None:
+        protected |= always_kept
+
+    wanted = important_count(length, config.budget, config.recent_ratio)
+    num_selected = max(0, wanted - int((protected & ~recent).sum()))
+    protected_evictable = int((protected & evictable).sum())
+    kept_evictable = min(_round_up(protected_evictable + num_selected, keep_multiple),
+                         int(evictable.sum()))
+    num_selected = kept_evictable - protected_evictable
+
+    kept_mask = protected.expand(num_heads, length).clone()
+    num_candidates = length - int(protected.sum())
+    if num_selected == num_candidates:
+        kept_mask.fill_(True)
+    elif num_selected > 0:
+        rank = selector.rank(scores, num_heads, length).to(device)
+        rank = rank.masked_fill(protected, float("-inf"))
+        kept_mask.scatter_(1, rank.topk(num_selected, dim=-1, sorted=False).indices, True)
+    return Selection(
+        kept_mask=kept_mask,
+        num_kept=length - num_candidates + num_selected,
+        num_kept_evictable=kept_evictable,
+    )
