@@ -5,6 +5,7 @@ tensor can be handed to the compiled kernels. The pure-torch algorithm in :mod:`
 is the reference these kernels must match.
 """
 
+from .triton_merge import triton_cosine_argmax
 from .triton_scoring import (
     TRITON_AVAILABLE,
     cuda_kernels_usable,
@@ -18,5 +19,6 @@ __all__ = [
     "cuda_kernels_usable",
     "interpreter_active",
     "triton_accumulated_attention",
+    "triton_cosine_argmax",
     "triton_query_logsumexp",
 ]
