@@ -94,7 +94,8 @@ class StreamingSelector(Selector):
 
     def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
         rank = torch.arange(length, dtype=torch.float32)
-        rank[: self.sink_tokens] += 2 * length  # sinks above every later position
+        # Sinks above every later position, the earliest first when the budget cannot hold them.
+        rank[: self.sink_tokens] = 2 * length - rank[: self.sink_tokens]
         return rank.expand(num_heads, length)
 
 
