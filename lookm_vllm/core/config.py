@@ -58,12 +58,9 @@ class CompressionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: Method = "lookm"
-    budget: float = Field(
-        default=0.2, gt=0.0, le=1.0, strict=True, description="fraction of prompt KV kept, (0, 1]"
-    )
-    recent_ratio: float = Field(
-        default=0.1, ge=0.0, le=1.0, strict=True, description="recent-window fraction, <= budget"
-    )
+    # strict: a JSON string "0.2" is a client bug worth reporting, not a number to guess at.
+    budget: float = Field(default=0.2, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    recent_ratio: float = Field(default=0.1, ge=0.0, le=1.0, strict=True, allow_inf_nan=False)
     merge: MergeName | None = None
     merge_scope: MergeScope = "all"
     scoring: Scoring | None = None

@@ -1,0 +1,290 @@
+"""Properties of lookm_vllm.core that hold for any input: counts, identities, chunking, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lookm_vllm.core.merge as merge_module
+import lookm_vllm.core.scoring as scoring_module
+from lookm_vllm.core import (
+    AttentionAccumulator,
+    CompressionConfig,
+    accumulated_attention,
+    compress,
+)
+
+from .test_core_reference import LAYOUTS, image_mask
+
+METHODS = ["lookm", "h2o", "snapkv", "streaming", "random"]
+
+
+def layer(seed: int, length: int = 120, heads: int = 4, head_dim: int = 32,
+          dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(heads, length, head_dim, generator=generator).to(dtype)
+    values = torch.randn(heads, length, head_dim, generator=generator).to(dtype)
+    scores = torch.rand(heads, length, generator=generator)
+    return keys, values, scores
+
+
+def assert_consistent(out, length):
+    """The invariants every CompressedKV must satisfy."""
+    heads = out.kept.shape[0]
+    assert out.kept.dtype == torch.int64 and out.kept.shape == (heads, out.num_kept)
+    assert (out.kept_mask.sum(dim=1) == out.num_kept).all()  # same count in every head
+    assert (out.kept.diff(dim=1) > 0).all()  # ascending
+    assert torch.equal(torch.zeros_like(out.kept_mask).scatter_(1, out.kept, True),
+                       out.kept_mask)
+    assert out.keys.shape[:2] == out.values.shape[:2] == (heads, out.num_kept)
+    assert out.merge_counts.shape == out.kept.shape
+    assert out.compressed == (out.num_kept < length)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("merge", ["none", "pivotal"])
+@pytest.mark.parametrize("budget", [0.01, 0.2, 0.7])
+def test_kept_count_is_the_same_for_every_head(method, merge, budget):
+    keys, values, scores = layer(hash((method, merge, budget)) % 1000)
+    is_image = image_mask("many", 120)
+    config = CompressionConfig(method=method, merge=merge, budget=budget,
+                               recent_ratio=min(0.1, budget))
+    out = compress(keys, values, scores, is_image, config)
+    assert_consistent(out, 120)
+    n_recent = int(config.recent_ratio * 120)
+    n_text_older = int((~is_image[: 120 - n_recent]).sum())
+    important = int(budget * 120) - n_recent
+    expected = max(n_text_older, important) if method == "lookm" else important
+    assert out.num_kept == expected + n_recent
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("budget", [0.01, 0.1, 0.5])
+def test_lookm_never_evicts_text(layout, budget):
+    keys, values, scores = layer(LAYOUTS.index(layout))
+    is_image = image_mask(layout, 120)
+    out = compress(keys, values, scores, is_image,
+                   CompressionConfig(budget=budget, recent_ratio=budget / 2))
+    assert_consistent(out, 120)
+    assert out.kept_mask[:, ~is_image].all()
+
+
+def test_lookm_keeps_the_best_image_tokens_per_head():
+    keys, values, scores = layer(3)
+    is_image = image_mask("all", 120)
+    out = compress(keys, values, scores, is_image, CompressionConfig(budget=0.3))
+    for head in range(scores.shape[0]):
+        older = scores[head, :108]
+        expected = set(older.topk(24).indices.tolist()) | set(range(108, 120))
+        assert set(out.kept[head].tolist()) == expected
+    assert not all(torch.equal(out.kept[0], row) for row in out.kept)  # heads differ
+
+
+@pytest.mark.parametrize("method", METHODS + ["none"])
+def test_budget_one_and_method_none_are_identities(method):
+    keys, values, scores = layer(1)
+    is_image = image_mask("middle", 120)
+    configs = [CompressionConfig(method=method, budget=1.0, recent_ratio=0.1),
+               CompressionConfig(method="none", budget=0.2)]
+    for config in configs:
+        out = compress(keys, values, scores, is_image, config)
+        assert out.keys is keys and out.values is values
+        assert torch.equal(out.kept, torch.arange(120).expand(4, 120))
+        assert not out.compressed and out.num_kept == out.num_kept_evictable == 120
+        assert not out.merge_counts.any()
+
+
+def test_lookm_leaves_text_only_prompts_alone_and_needs_no_scores():
+    keys, values, _ = layer(2)
+    for is_image in (None, torch.zeros(120, dtype=torch.bool)):
+        out = compress(keys, values, None, is_image, CompressionConfig())
+        assert out.keys is keys and not out.compressed
+
+
+@pytest.mark.parametrize("method", ["streaming", "random"])
+def test_positional_methods_need_no_scores(method):
+    keys, values, _ = layer(2)
+    out = compress(keys, values, None, image_mask("start", 120),
+                   CompressionConfig(method=method, merge="average"))
+    assert_consistent(out, 120)
+    assert out.num_kept == 24
+
+
+def test_scores_are_required_where_attention_ranks():
+    keys, values, _ = layer(2)
+    with pytest.raises(ValueError, match="scores are required"):
+        compress(keys, values, None, image_mask("start", 120), CompressionConfig(method="h2o"))
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [({"scores": torch.rand(4, 119)}, "scores must be"),
+     ({"is_image": torch.zeros(120)}, "is_image must be a bool"),
+     ({"evictable": torch.ones(7, dtype=torch.bool)}, "evictable must be a bool"),
+     ({"keep_multiple": 0}, "keep_multiple must be >= 1")],
+)
+def test_bad_arguments_are_rejected(bad, match):
+    keys, values, scores = layer(2)
+    arguments = {"scores": scores, "is_image": image_mask("start", 120)} | bad
+    with pytest.raises(ValueError, match=match):
+        compress(keys, values, arguments.pop("scores"), arguments.pop("is_image"),
+                 CompressionConfig(), **arguments)
+
+
+def test_same_modality_merges_images_only_into_images():
+    keys, values, scores = layer(4)
+    is_image = image_mask("many", 120)
+    out = compress(keys, values, scores, is_image,
+                   CompressionConfig(budget=0.6, merge_scope="same_modality"))
+    receiving = out.kept[out.merge_counts > 0]
+    assert receiving.numel() and is_image[receiving].all()
+    assert out.merge_counts.sum(dim=1).eq(120 - out.num_kept).all()  # no image was dropped
+    # With no image kept, evicted images have nowhere to go and are dropped.
+    out = compress(keys, values, scores, is_image,
+                   CompressionConfig(budget=0.1, recent_ratio=0.0, merge_scope="same_modality"))
+    assert not out.kept_mask[:, is_image].any() and not out.merge_counts.any()
+    torch.testing.assert_close(out.keys, keys[:, ~is_image])
+
+
+# Chunked prefill -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_chunked_accumulation_equals_one_shot(group):
+    generator = torch.Generator().manual_seed(group)
+    length, kv_heads = 150, 2
+    queries = torch.randn(kv_heads * group, length, 64, generator=generator)
+    keys = torch.randn(kv_heads, length, 64, generator=generator)
+    accumulator = AttentionAccumulator(kv_heads)
+    bounds = [0, 1, 33, 34, 100, 150]
+    for start, end in zip(bounds, bounds[1:]):  # as an engine: each chunk sees keys [0, end)
+        accumulator.update(queries[:, start:end], keys[:, :end], query_start=start)
+        assert accumulator.scores.shape == (kv_heads, end)
+    torch.testing.assert_close(accumulator.scores, accumulated_attention(queries, keys),
+                               rtol=1e-5, atol=1e-5)
+    # Every query row sums to one: the total is (query heads) x (queries).
+    torch.testing.assert_close(accumulator.scores.sum(), torch.tensor(kv_heads * group * 150.0))
+
+
+def test_window_accumulation_across_a_chunk_boundary():
+    generator = torch.Generator().manual_seed(5)
+    queries = torch.randn(8, 100, 32, generator=generator)
+    keys = torch.randn(2, 100, 32, generator=generator)
+    accumulator = AttentionAccumulator(2)
+    accumulator.update(queries[:, 90:95], keys[:, :95], query_start=90)  # last W=10 queries,
+    accumulator.update(queries[:, 95:], keys, query_start=95)  # split over two chunks
+    torch.testing.assert_close(accumulator.scores, accumulated_attention(queries[:, 90:], keys))
+
+
+def test_query_blocks_do_not_change_scores(monkeypatch):
+    generator = torch.Generator().manual_seed(6)
+    queries = torch.randn(4, 80, 32, generator=generator)
+    keys = torch.randn(2, 80, 32, generator=generator)
+    whole = accumulated_attention(queries, keys)
+    monkeypatch.setattr(scoring_module, "_MAX_BLOCK_ELEMENTS", 4 * 80 * 3)  # 3 queries a block
+    torch.testing.assert_close(accumulated_attention(queries, keys), whole)
+
+
+def test_similarity_blocks_do_not_change_merges(monkeypatch):
+    keys, values, scores = layer(7)
+    is_image = image_mask("middle", 120)
+    config = CompressionConfig(merge="weighted", budget=0.5)
+    whole = compress(keys, values, scores, is_image, config)
+    monkeypatch.setattr(merge_module, "_MAX_BLOCK_ELEMENTS", 4 * whole.num_kept * 5)
+    blocked = compress(keys, values, scores, is_image, config)
+    torch.testing.assert_close(blocked.keys, whole.keys)
+    torch.testing.assert_close(blocked.values, whole.values)
+
+
+def test_accumulator_rejects_inconsistent_shapes():
+    accumulator = AttentionAccumulator(2)
+    with pytest.raises(ValueError, match="need keys up to there"):
+        accumulator.update(torch.randn(4, 10, 8), torch.randn(2, 15, 8), query_start=10)
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulator.update(torch.randn(3, 1, 8), torch.randn(2, 15, 8), query_start=0)
+    with pytest.raises(ValueError, match="heads"):
+        accumulator.update(torch.randn(4, 1, 8), torch.randn(4, 15, 8), query_start=0)
+
+
+# Dtypes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 3e-2),
+                                             (torch.float16, 4e-3)])
+def test_half_precision_inputs(dtype, tolerance):
+    generator = torch.Generator().manual_seed(8)
+    queries = torch.randn(8, 96, 64, generator=generator)
+    keys = torch.randn(2, 96, 64, generator=generator)
+    values = torch.randn(2, 96, 64, generator=generator)
+    scores = accumulated_attention(queries.to(dtype), keys.to(dtype))
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, accumulated_attention(queries, keys),
+                               rtol=tolerance * 4, atol=tolerance * 4)
+
+    is_image = image_mask("middle", 96)
+    exact = compress(keys.to(dtype).float(), values.to(dtype).float(), scores, is_image,
+                     CompressionConfig())
+    out = compress(keys.to(dtype), values.to(dtype), scores, is_image, CompressionConfig())
+    assert out.keys.dtype == out.values.dtype == dtype
+    assert torch.equal(out.kept, exact.kept)
+    torch.testing.assert_close(out.keys.float(), exact.keys, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(out.values.float(), exact.values, rtol=tolerance, atol=tolerance)
+
+
+# Engine-facing parameters ---------------------------------------------------------------------
+
+
+def engine_inputs(seed: int, block: int = 8):
+    keys, values, scores = layer(seed, length=160)
+    is_image = image_mask("middle", 160) | image_mask("many", 160)
+    evictable = is_image.view(-1, block).all(dim=1).repeat_interleave(block)
+    return keys, values, scores, is_image, evictable
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("keep_multiple", [1, 8, 32])
+def test_evictable_positions_and_rounding(method, keep_multiple):
+    keys, values, scores, is_image, evictable = engine_inputs(METHODS.index(method))
+    config = CompressionConfig(method=method, budget=0.2, recent_ratio=0.1)
+    out = compress(keys, values, scores, is_image, config, evictable=evictable,
+                   keep_multiple=keep_multiple)
+    assert_consistent(out, 160)
+    assert out.kept_mask[:, ~evictable].all()  # never evicted
+    kept_evictable = (out.kept_mask & evictable).sum(dim=1)
+    assert (kept_evictable == out.num_kept_evictable).all()
+    assert out.num_kept_evictable % keep_multiple == 0 or \
+        out.num_kept_evictable == int(evictable.sum())
+    # Without rounding, the kept total is the paper's max(n_protected_older, N) + M.
+    unrounded = compress(keys, values, scores, is_image, config, evictable=evictable)
+    n_protected_older = int((~evictable[:144] | (~is_image[:144] if method == "lookm" else
+                                                  torch.zeros(144, dtype=torch.bool))).sum())
+    assert unrounded.num_kept == max(n_protected_older, 32 - 16) + 16
+    # Rounding only keeps more (the next-best candidates), never fewer or different ones.
+    assert (out.kept_mask >= unrounded.kept_mask).all()
+    assert out.num_kept - unrounded.num_kept < keep_multiple
+
+
+def test_rounding_beyond_the_evictable_count_keeps_everything():
+    keys, values, scores, is_image, evictable = engine_inputs(9)
+    config = CompressionConfig(method="h2o", budget=0.6)
+    unrounded = compress(keys, values, scores, is_image, config, evictable=evictable)
+    assert 0 < unrounded.num_kept_evictable < int(evictable.sum())
+    out = compress(keys, values, scores, is_image, config, evictable=evictable,
+                   keep_multiple=1000)
+    assert not out.compressed and out.keys is keys
+    assert out.num_kept_evictable == int(evictable.sum())
+
+
+def test_non_evictable_rows_can_be_left_untouched():
+    keys, values, scores, is_image, evictable = engine_inputs(10)
+    config = CompressionConfig(budget=0.5)
+    free = compress(keys, values, scores, is_image, config, evictable=evictable)
+    pinned = compress(keys, values, scores, is_image, config, evictable=evictable,
+                      merge_into_non_evictable=False)
+    assert torch.equal(free.kept, pinned.kept)
+    fixed = ~evictable[pinned.kept]  # [H, K]: rows of non-evictable positions
+    assert free.merge_counts[fixed].any()  # the paper merges into them
+    assert not pinned.merge_counts[fixed].any()
+    original = keys.gather(1, pinned.kept[..., None].expand(-1, -1, 32))
+    assert torch.equal(pinned.keys[fixed], original[fixed])
+    assert pinned.merge_counts.sum() == free.merge_counts.sum()  # moved, not dropped
