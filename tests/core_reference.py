@@ -125,7 +125,7 @@ def reference_merge(keys, values, kept, is_image, merge, merge_scope="all", targ
         for j in evicted_h if merge != "none" else []:
             similarities = (unit[kept_h] @ unit[j]).tolist()
             best, best_sim = None, -math.inf
-            for c, sim in zip(kept_h, similarities):
+            for c, sim in zip(kept_h, similarities, strict=True):
                 if merge_scope == "same_modality" and bool(is_image[c]) != bool(is_image[j]):
                     continue
                 if targets_ok is not None and not targets_ok[c]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -157,7 +159,7 @@ def test_chunked_accumulation_equals_one_shot(group):
     keys = torch.randn(kv_heads, length, 64, generator=generator)
     accumulator = AttentionAccumulator(kv_heads)
     bounds = [0, 1, 33, 34, 100, 150]
-    for start, end in zip(bounds, bounds[1:]):  # as an engine: each chunk sees keys [0, end)
+    for start, end in itertools.pairwise(bounds):  # as an engine: each chunk sees keys [0, end)
         accumulator.update(queries[:, start:end], keys[:, :end], query_start=start)
         assert accumulator.scores.shape == (kv_heads, end)
     torch.testing.assert_close(accumulator.scores, accumulated_attention(queries, keys),
