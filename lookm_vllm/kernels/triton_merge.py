@@ -17,11 +17,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_scoring import SUPPORTED_DTYPES, TRITON_AVAILABLE, cuda_kernels_usable, interpreter_active
+from .triton_scoring import (
+    SUPPORTED_DTYPES,
+    TRITON_AVAILABLE,
+    cuda_kernels_usable,
+    interpreter_active,
+)
 
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
+
+    from .triton_scoring import quick_bench
 
 __all__ = ["triton_cosine_argmax"]
 
@@ -82,8 +89,7 @@ if TRITON_AVAILABLE:
             for e, k, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
         ],
         key=["HEAD_DIM", "HAS_GROUPS"],
-        warmup=5,
-        rep=20,
+        do_bench=quick_bench,
     )(_cosine_argmax_kernel)
 
 

@@ -66,6 +66,7 @@ if TRITON_AVAILABLE:
         NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SHAPE_CLASS: tl.constexpr,  # only an autotuning key
     ):  # fmt: skip
         # Late query tiles see the most keys: launch them first so the tail of the grid is short.
         num_tiles = tl.cdiv(num_queries, BLOCK_M)
@@ -121,6 +122,7 @@ if TRITON_AVAILABLE:
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SHAPE_CLASS: tl.constexpr,  # only an autotuning key
     ):  # fmt: skip
         # Early key tiles are seen by the most queries: launch them first.
         pid = tl.program_id(0)
@@ -174,16 +176,21 @@ if TRITON_AVAILABLE:
             for m, n, w, s in pairs
         ]
 
-    # A few Hopper/Ampere-friendly shapes; configs that do not fit a GPU's shared memory are
-    # skipped by the autotuner. Tuned once per (head_dim, group, dtype).
-    _AUTOTUNE_KW = dict(key=["HEAD_DIM", "GROUP"], warmup=5, rep=20)
+    def quick_bench(kernel_call, quantiles):
+        """Autotuning benchmark: 20 ms per config instead of Triton's default 100 ms."""
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    # A few Hopper/Ampere-friendly shapes (BLOCK_M = 32 for observation windows); configs that
+    # do not fit a GPU's shared memory are skipped by the autotuner. Tuned once per head_dim,
+    # group size, dtype and SHAPE_CLASS (windows and short chunks vs long prefills).
+    _AUTOTUNE_KW = dict(key=["HEAD_DIM", "GROUP", "SHAPE_CLASS"], do_bench=quick_bench)
     _query_lse_tuned = triton.autotune(
-        _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)]),
+        _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]),
         **_AUTOTUNE_KW,
     )(_query_lse_kernel)
     # Pass 2 accumulates into OUT, so autotuning trials must not leave their sums behind.
     _key_colsum_tuned = triton.autotune(
-        _configs([(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)]),
+        _configs([(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3)]),
         restore_value=["OUT"],
         **_AUTOTUNE_KW,
     )(_key_colsum_kernel)
@@ -282,6 +289,7 @@ def _launch_kwargs(queries: Tensor, scale: float | None) -> dict:
         BLOCK_D=max(16, _next_power_of_2(head_dim)),
         # Tensor cores would round float32 inputs to tf32 (10-bit mantissa): keep them exact.
         DOT_PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",
+        SHAPE_CLASS=int(queries.shape[1] > 256),
     )
 
 
@@ -301,6 +309,7 @@ def _query_lse_log2(queries: Tensor, keys: Tensor, query_start: int, kw: dict) -
         HEAD_DIM=kw["HEAD_DIM"],
         BLOCK_D=kw["BLOCK_D"],
         DOT_PRECISION=kw["DOT_PRECISION"],
+        SHAPE_CLASS=kw["SHAPE_CLASS"],
     )
     if _KERNELS_INTERPRETED:
         grid = (triton.cdiv(num_queries, _INTERPRETER_BLOCKS["BLOCK_M"]) * num_q_heads,)
@@ -406,6 +415,7 @@ def triton_accumulated_attention(
         HEAD_DIM=kw["HEAD_DIM"],
         BLOCK_D=kw["BLOCK_D"],
         DOT_PRECISION=kw["DOT_PRECISION"],
+        SHAPE_CLASS=kw["SHAPE_CLASS"],
     )
     if _KERNELS_INTERPRETED:
         grid = (triton.cdiv(num_keys, _INTERPRETER_BLOCKS["BLOCK_N"]) * num_kv_heads,)

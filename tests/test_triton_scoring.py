@@ -1,0 +1,229 @@
+"""Triton kernels (lookm_vllm.kernels) against float64 torch references.
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET must be
+set before the kernels are defined (and stay set: Triton reads it again at launch), so this module
+sets it when there is no CUDA device and the variable is unset, and rebuilds the kernel modules if
+something imported them earlier. Without CUDA nothing else in the suite runs compiled Triton. On a GPU
+machine the same tests run the compiled kernels, plus the ``gpu`` tests at realistic sizes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    _SET_INTERPRET = True
+else:
+    _SET_INTERPRET = False
+
+from lookm_vllm.kernels import triton_merge, triton_scoring  # noqa: E402
+
+if (
+    _SET_INTERPRET
+    and triton_scoring.TRITON_AVAILABLE
+    and not triton_scoring.interpreter_active()
+):  # imported before this module set the variable: define the kernels again, interpreted
+    triton_scoring = importlib.reload(triton_scoring)
+    triton_merge = importlib.reload(triton_merge)
+
+try:
+    from lookm_vllm.core.merge import assign_to_kept
+    from lookm_vllm.core.scoring import accumulated_attention
+except ImportError:  # pragma: no cover - the core is developed alongside
+    accumulated_attention = assign_to_kept = None
+
+if HAS_CUDA and triton_scoring.cuda_kernels_usable(torch.zeros(1, device="cuda")):
+    DEVICE = "cuda"
+elif triton_scoring.interpreter_active():
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+
+needs_kernels = pytest.mark.skipif(
+    DEVICE is None,
+    reason=(
+        "Triton is not installed"
+        if not triton_scoring.TRITON_AVAILABLE
+        else "no usable CUDA GPU and Triton's interpreter is off (TRITON_INTERPRET=0)"
+    ),
+)
+
+
+def reference_scores(queries, keys, query_start=None, scale=None):
+    """Float64 accumulated causal attention and per-query log-sum-exp, materialising L x L."""
+    num_q_heads, num_queries, head_dim = queries.shape
+    num_kv_heads, num_keys, _ = keys.shape
+    group = num_q_heads // num_kv_heads
+    query_start = num_keys - num_queries if query_start is None else query_start
+    scale = 1 / math.sqrt(head_dim) if scale is None else scale
+    device = queries.device
+    positions = query_start + torch.arange(num_queries, device=device)
+    future = torch.arange(num_keys, device=device)[None, :] > positions[:, None]
+    scores = torch.zeros(num_kv_heads, num_keys, dtype=torch.float64, device=device)
+    lse = torch.empty(num_q_heads, num_queries, dtype=torch.float64, device=device)
+    for head in range(num_q_heads):  # one head at a time: L x L float64 per head only
+        logits = queries[head].double() @ keys[head // group].double().T * scale
+        logits.masked_fill_(future, float("-inf"))
+        scores[head // group] += logits.softmax(-1).sum(0)
+        lse[head] = torch.logsumexp(logits, -1)
+    return scores.cpu(), lse.cpu()
+
+
+def make_qk(num_q_heads, num_kv_heads, head_dim, num_keys, num_queries, dtype, seed=0):
+    """Queries and keys with a shared direction, so attention is peaked as in real models."""
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(head_dim, generator=gen)
+    keys = torch.randn(num_kv_heads, num_keys, head_dim, generator=gen)
+    keys += torch.randn(num_kv_heads, num_keys, 1, generator=gen) * direction
+    queries = torch.randn(num_q_heads, num_queries, head_dim, generator=gen) + 0.5 * direction
+    return queries.to(DEVICE or "cpu", dtype), keys.to(DEVICE or "cpu", dtype)
+
+
+def test_import_without_triton_or_gpu():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, lookm_vllm.kernels as k\n"
+        "assert not k.TRITON_AVAILABLE and not k.cuda_kernels_usable(torch.zeros(1))\n"
+        "try:\n"
+        "    k.triton_accumulated_attention(torch.zeros(1, 1, 64), torch.zeros(1, 1, 64))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'Triton' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no error without triton')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cuda_kernels_not_usable_on_cpu_tensors():
+    assert not triton_scoring.cuda_kernels_usable(torch.zeros(2, 3))
+
+
+CASES = [
+    # num_q_heads, num_kv_heads, head_dim, num_keys, num_queries, query_start, dtype
+    pytest.param(4, 2, 64, 64, 64, None, torch.float32, id="gqa-full-L64-fp32"),
+    pytest.param(8, 8, 80, 150, 150, None, torch.bfloat16, id="mha-full-d80-bf16"),
+    pytest.param(4, 2, 80, 200, 37, 100, torch.float16, id="gqa-chunk-mid-d80-fp16"),
+    pytest.param(4, 2, 64, 130, 32, None, torch.bfloat16, id="gqa-window32-bf16"),
+    pytest.param(8, 8, 64, 97, 20, 41, torch.float32, id="mha-chunk-L97-fp32"),
+    pytest.param(4, 1, 128, 75, 75, None, torch.float16, id="mqa-full-d128-fp16"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq,hkv,d,length,lq,query_start,dtype", CASES)
+def test_matches_float64_reference(hq, hkv, d, length, lq, query_start, dtype):
+    queries, keys = make_qk(hq, hkv, d, length, lq, dtype)
+    scores = triton_scoring.triton_accumulated_attention(queries, keys, query_start)
+    expected, expected_lse = reference_scores(queries, keys, query_start)
+    assert scores.dtype == torch.float32 and scores.shape == (hkv, length)
+    torch.testing.assert_close(scores.double().cpu(), expected, rtol=2e-5, atol=2e-6)
+    # Every (query head, query) row distributes a total weight of exactly 1.
+    assert scores.sum().item() == pytest.approx(hq * lq, rel=1e-5)
+    lse = triton_scoring.triton_query_logsumexp(queries, keys, query_start)
+    torch.testing.assert_close(lse.double().cpu(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.skipif(accumulated_attention is None, reason="lookm_vllm.core not available")
+def test_matches_core_accumulated_attention():
+    queries, keys = make_qk(8, 2, 64, 120, 120, torch.float32, seed=3)
+    scores = triton_scoring.triton_accumulated_attention(queries, keys)
+    torch.testing.assert_close(scores, accumulated_attention(queries, keys), rtol=1e-5, atol=1e-6)
+    window = triton_scoring.triton_accumulated_attention(queries[:, -16:], keys)
+    torch.testing.assert_close(
+        window, accumulated_attention(queries[:, -16:], keys), rtol=1e-5, atol=1e-6
+    )
+
+
+@needs_kernels
+def test_chunked_prefill_accumulates_into_out():
+    queries, keys = make_qk(4, 2, 64, 150, 150, torch.bfloat16, seed=1)
+    buffer = torch.zeros(2, 150, device=keys.device)
+    for start, end in [(0, 40), (40, 41), (41, 110), (110, 150)]:
+        # Chunk c sees the keys so far; out is a strided view of the final-size buffer.
+        out = triton_scoring.triton_accumulated_attention(
+            queries[:, start:end], keys[:, :end], start, out=buffer[:, :end]
+        )
+        assert out.data_ptr() == buffer.data_ptr()
+    one_shot = triton_scoring.triton_accumulated_attention(queries, keys)
+    torch.testing.assert_close(buffer, one_shot, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_given_lse_skips_pass_one_and_strided_queries():
+    queries, keys = make_qk(4, 2, 64, 90, 90, torch.float16, seed=2)
+    # A [tokens, heads, d] buffer viewed as [heads, tokens, d], as an engine holds queries.
+    strided = queries.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    expected, expected_lse = reference_scores(queries, keys)
+    from_lse = triton_scoring.triton_accumulated_attention(
+        strided, keys, lse=expected_lse.float().to(keys.device)
+    )
+    torch.testing.assert_close(from_lse.double().cpu(), expected, rtol=2e-5, atol=2e-6)
+    scaled = triton_scoring.triton_accumulated_attention(strided, keys, scale=0.05)
+    torch.testing.assert_close(
+        scaled.double().cpu(), reference_scores(queries, keys, scale=0.05)[0], rtol=2e-5, atol=2e-6
+    )
+
+
+@needs_kernels
+def test_rejects_bad_arguments():
+    queries, keys = make_qk(4, 2, 64, 50, 50, torch.float32)
+    attention = triton_scoring.triton_accumulated_attention
+    with pytest.raises(ValueError, match="multiple"):
+        attention(queries[:3], keys)
+    with pytest.raises(ValueError, match="positions"):
+        attention(queries, keys, query_start=1)
+    with pytest.raises(ValueError, match="out"):
+        attention(queries, keys, out=torch.zeros(2, 49, device=keys.device))
+    with pytest.raises(ValueError, match="dtype"):
+        attention(queries.half(), keys)
+    empty = attention(queries[:, :0], keys)
+    assert empty.shape == (2, 50) and not empty.any()
+
+
+@needs_kernels
+@pytest.mark.skipif(assign_to_kept is None, reason="lookm_vllm.core not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["all", "groups"])
+def test_cosine_argmax_matches_assign_to_kept(dtype, grouped):
+    gen = torch.Generator().manual_seed(4)
+    kept = torch.randn(3, 45, 80, generator=gen).to(DEVICE, dtype)
+    evicted = torch.randn(3, 70, 80, generator=gen).to(DEVICE, dtype)
+    kept_group = evicted_group = None
+    if grouped:  # modality groups; kept group -1 receives nothing; group 7 has no target
+        kept_group = torch.randint(-1, 2, (3, 45), generator=gen).to(DEVICE)
+        evicted_group = torch.randint(0, 2, (3, 70), generator=gen).to(DEVICE)
+        evicted_group[1, :4] = 7
+    target, similarity, valid = triton_merge.triton_cosine_argmax(
+        kept, evicted, kept_group, evicted_group
+    )
+    expected = assign_to_kept(kept.double(), evicted.double(), kept_group, evicted_group)
+    assert torch.equal(valid.cpu(), expected.valid.cpu())
+    assert torch.equal(target.cpu(), expected.target.cpu())
+    torch.testing.assert_close(
+        similarity[valid].double().cpu(), expected.similarity[expected.valid].cpu(),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (compute capability >= 8.0)")
+@pytest.mark.parametrize("length", [1000, 4097])
+def test_gpu_bf16_realistic_sizes(length):
+    queries, keys = make_qk(32, 8, 128, length, length, torch.bfloat16, seed=5)
+    scores = triton_scoring.triton_accumulated_attention(queries, keys)
+    expected, _ = reference_scores(queries, keys)
+    torch.testing.assert_close(scores.double().cpu(), expected, rtol=1e-4, atol=1e-5)
+    kept = scores.topk(length // 5, dim=-1).indices.sort(-1).values.cpu()
+    expected_kept = expected.topk(length // 5, dim=-1).indices.sort(-1).values
+    assert (kept == expected_kept).float().mean() > 0.999
