@@ -1,0 +1,272 @@
+"""``LookMConnector``: the scheduler/worker glue of LOOK-M, as a vLLM V1 KV connector.
+
+vLLM names touched here (each has a contract test in tests/test_vllm_contract.py):
+- ``KVConnectorBase_V1`` / ``SupportsHMA`` hooks: ``on_new_request``, ``build_connector_meta``,
+  ``update_connector_output``, ``request_finished_all_groups``, ``handle_preemptions``,
+  ``build_connector_worker_meta``;
+- ``Request.cache_salt`` / ``block_hashes`` / ``update_block_hashes`` (compressed requests get a
+  private salt so their blocks, rewritten in place, are never shared through prefix caching);
+- ``KVCacheManager.coordinator.single_type_managers[0]._remove_blocks_in_range`` (frees holes,
+  leaving vLLM's ``null_block`` in their place, as sliding-window attention does) and
+  ``block_pool.get_num_free_blocks``.
+
+Scheduler side: keeps one ``_SchedRequest`` per compressed request, sends its plan to the workers
+when it is (re)scheduled, frees the hole blocks the workers report, and puts the per-request
+stats into ``RequestOutput.kv_transfer_params["kv_compression"]``.
+Worker side: forwards plans to ``worker_state.STATE`` and ships its results back.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+    SupportsHMA,
+)
+
+
+from .options import EXTRA_ARGS_KEY, default_config, request_config
+from .plan import RequestPlan
+from .worker_state import STATE
+
+logger = logging.getLogger(__name__)
+STATS_KEY = "kv_compression"
+
+
+@dataclass
+class LookMMetadata(KVConnectorMetadata):
+    """Scheduler -> workers, once per step."""
+
+    plans: dict[str, dict] = field(default_factory=dict)
+    drop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LookMWorkerMetadata(KVConnectorWorkerMetadata):
+    """Workers -> scheduler: requests compressed in the step (same plan on every TP rank)."""
+
+    results: dict[str, dict] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, LookMWorkerMetadata)
+        merged = dict(self.results)
+        for req_id, result in other.results.items():
+            mine = merged.get(req_id)
+            if mine is None:
+                merged[req_id] = result
+                continue
+            if mine["holes"] != result["holes"]:
+                raise RuntimeError(f"tensor-parallel ranks disagree on the holes of {req_id}")
+            for key in ("scoring_ms", "compression_ms"):
+                mine[key] = max(mine[key], result[key])
+        return LookMWorkerMetadata(merged)
+
+
+@dataclass
+class _SchedRequest:
+    plan: RequestPlan
+    sent: bool = False
+    stats: dict[str, Any] | None = None
+
+
+def image_spans(request: Any) -> tuple[tuple[int, int], ...]:
+    """Half-open position ranges of a request's image embedding tokens."""
+    spans = []
+    for feature in request.mm_features or ():
+        if feature.modality != "image":
+            continue
+        pos = feature.mm_position
+        if pos.is_embed is None:
+            spans.append((pos.offset, pos.offset + pos.length))
+            continue
+        run_start = None
+        for i, embed in enumerate(pos.is_embed.tolist() + [False]):
+            if embed and run_start is None:
+                run_start = i
+            elif not embed and run_start is not None:
+                spans.append((pos.offset + run_start, pos.offset + i))
+                run_start = None
+    return tuple(sorted(spans))
+
+
+def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
+    """Refuse, at engine start, setups the plugin cannot serve correctly."""
+    problems = []
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding")
+    if parallel.pipeline_parallel_size > 1:
+        problems.append("pipeline parallelism")
+    if getattr(parallel, "decode_context_parallel_size", 1) > 1 or \
+            getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        problems.append("context parallelism")
+    if model_config is not None:
+        if model_config.is_encoder_decoder:
+            problems.append("encoder-decoder models")
+        if model_config.use_mla:
+            problems.append("MLA attention")
+        if getattr(model_config, "is_hybrid", False):
+            problems.append("hybrid (Mamba/linear-attention) models")
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        problems.append("the V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    if kv_cache_config is not None:
+        groups = kv_cache_config.kv_cache_groups
+        spec_names = {type(g.kv_cache_spec).__name__ for g in groups}
+        if len(groups) != 1 or spec_names != {"FullAttentionSpec"}:
+            problems.append(f"KV cache groups {sorted(spec_names)} (only one full-attention "
+                            "group is supported: no sliding window, no hybrid layers)")
+    if problems:
+        raise ValueError("LOOK-M KV compression (LookMConnector) does not support "
+                         + ", ".join(problems) + ".")
+
+
+class LookMConnector(KVConnectorBase_V1, SupportsHMA):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        check_supported(vllm_config, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        try:
+            self._default = default_config(extra)
+        except ValueError as exc:
+            raise ValueError(f"invalid LOOK-M engine default (kv_connector_extra_config"
+                             f"['default']): {exc}") from exc
+        self._requests: dict[str, _SchedRequest] = {}
+        self._drop: list[str] = []
+        if role == KVConnectorRole.WORKER:
+            STATE.active = True
+
+    # ---------------------------------------------------------------- no KV transfer at all
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # The attention hook runs Python per step: keep attention out of full CUDA graphs.
+        return True
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        return None
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        return None
+
+    # ---------------------------------------------------------------- worker side
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # The first hook of a step, before the runner builds attention metadata (which needs the
+        # plans); ``bind_connector_metadata`` only comes later, around the forward.
+        assert isinstance(kv_connector_metadata, LookMMetadata)
+        STATE.apply(kv_connector_metadata.plans, kv_connector_metadata.drop)
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        STATE.finish_step()
+        results = STATE.take_results()
+        return LookMWorkerMetadata(results) if results else None
+
+    # ---------------------------------------------------------------- scheduler side
+    def on_new_request(self, request) -> None:
+        try:
+            config = request_config((request.sampling_params.extra_args
+                                     if request.sampling_params else None), self._default)
+        except ValueError:  # validated at admission (validation.py); never fail the engine loop
+            logger.exception("ignoring invalid %s of request %s", EXTRA_ARGS_KEY,
+                             request.request_id)
+            return
+        if config is None or not config.is_active:
+            return
+        plan = RequestPlan(config, request.num_prompt_tokens, image_spans(request))
+        self._requests[request.request_id] = _SchedRequest(plan)
+        # Its blocks will be rewritten in place: never share them through prefix caching.
+        request.cache_salt = f"lookm:{uuid.uuid4().hex}"
+        request.block_hashes = []
+        request.update_block_hashes()
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        meta = LookMMetadata(drop=self._drop)
+        self._drop = []
+        for req_id in scheduler_output.preempted_req_ids or ():
+            state = self._requests.get(req_id)
+            if state is not None:  # recomputed from scratch: compress again, as a new epoch
+                state.plan = RequestPlan(state.plan.config, state.plan.prompt_len,
+                                         state.plan.image_spans, state.plan.epoch + 1)
+                state.sent = False
+                meta.drop.append(req_id)
+        for req_id in scheduler_output.num_scheduled_tokens:
+            state = self._requests.get(req_id)
+            if state is not None and not state.sent:
+                meta.plans[req_id] = state.plan.to_dict()
+                state.sent = True
+        return meta
+
+    def update_connector_output(self, connector_output) -> None:
+        worker_meta = connector_output.kv_connector_worker_meta
+        if not isinstance(worker_meta, LookMWorkerMetadata):
+            return
+        for req_id, result in worker_meta.results.items():
+            state = self._requests.get(req_id)
+            if state is None or state.plan.epoch != result["epoch"]:
+                continue  # finished or preempted since: its blocks went back whole
+            free_before = self._kv_cache_manager.block_pool.get_num_free_blocks()
+            self._free_holes(req_id, result["holes"])
+            free_after = self._kv_cache_manager.block_pool.get_num_free_blocks()
+            state.stats = {
+                "method": state.plan.config.method,
+                "budget": state.plan.config.budget,
+                "prompt_tokens": result["prompt_tokens"],
+                "kv_tokens_kept": result["kv_tokens_kept"],
+                "kv_blocks_freed": len(result["holes"]),
+                "pool_free_blocks_before": free_before,
+                "pool_free_blocks_after": free_after,
+                "scoring_ms": result["scoring_ms"],
+                "compression_ms": result["compression_ms"],
+            }
+
+    def _free_holes(self, req_id: str, holes: list[int]) -> None:
+        manager = self._kv_cache_manager.coordinator.single_type_managers[0]
+        # One call per contiguous run: the manager stops at a block that is already null.
+        runs: list[list[int]] = []
+        for block in holes:
+            if runs and block == runs[-1][1]:
+                runs[-1][1] = block + 1
+            else:
+                runs.append([block, block + 1])
+        for first, last in reversed(runs):
+            manager._remove_blocks_in_range(req_id, first, last)
+
+    def request_finished_all_groups(self, request, block_ids) -> tuple[bool, dict | None]:
+        state = self._requests.pop(request.request_id, None)
+        if state is None:
+            return False, None
+        self._drop.append(request.request_id)
+        stats = state.stats or {"method": state.plan.config.method,
+                                "budget": state.plan.config.budget,
+                                "prompt_tokens": state.plan.prompt_len,
+                                "kv_tokens_kept": state.plan.prompt_len,
+                                "kv_blocks_freed": 0}
+        return False, {STATS_KEY: stats}
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
+        return self.request_finished_all_groups(request, (block_ids,))
+
+
+__all__ = ["LookMConnector", "LookMMetadata", "LookMWorkerMetadata"]
