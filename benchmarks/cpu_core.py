@@ -1,0 +1,96 @@
+"""CPU microbenchmark of the pure-torch LOOK-M core, for one request and one layer.
+
+Shapes default to LLaVA-v1.5-7B (32 query heads, 32 KV heads, head_dim 128) on a 9,800-token
+prompt that is half image tokens (the paper's MileBench-like regime). Not a test: run it by hand,
+``python -m benchmarks.cpu_core [--length L] [--repeat R]``, and read the table.
+
+Full scoring is about 0.4 TFLOP at the default length (every query against every earlier key),
+so it dominates on a CPU; window scoring (SnapKV's W=32) is the cheap alternative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from lookm_vllm.core import CompressionConfig, accumulated_attention, compress
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def image_layout(length: int, num_images: int = 8, image_share: float = 0.5) -> torch.Tensor:
+    """``num_images`` equal image spans covering ``image_share`` of the prompt, text between."""
+    is_image = torch.zeros(length, dtype=torch.bool)
+    span = int(image_share * length / num_images)
+    stride = length // num_images
+    for image in range(num_images):
+        start = image * stride + (stride - span) // 2
+        is_image[start: start + span] = True
+    return is_image
+
+
+def time_ms(function: Callable[[], object], repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=9800, help="prompt tokens (default 9800)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (default 3)")
+    parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
+    parser.add_argument("--kv-heads", type=int, default=32, help="KV heads (default 32)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
+    parser.add_argument("--window", type=int, default=32, help="observation window W")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    length, head_dim = args.length, args.head_dim
+    queries = torch.randn(args.heads, length, head_dim, dtype=dtype)
+    keys = torch.randn(args.kv_heads, length, head_dim, dtype=dtype)
+    values = torch.randn(args.kv_heads, length, head_dim, dtype=dtype)
+    is_image = image_layout(length)
+    window_queries = queries[:, -args.window:].contiguous()
+
+    # Warm up kernels and allocators on a small slice, so the first timed run is not an outlier.
+    accumulated_attention(queries[:, -64:, :], keys[:, :256])
+    scores = accumulated_attention(window_queries, keys)
+    compress(keys, values, scores, is_image, CompressionConfig())
+
+    rows: list[tuple[str, list[float]]] = [
+        ("full scoring (all queries)",
+         time_ms(lambda: accumulated_attention(queries, keys), args.repeat)),
+        (f"window scoring (W={args.window})",
+         time_ms(lambda: accumulated_attention(window_queries, keys), args.repeat)),
+    ]
+    kept = None
+    for merge in ("none", "pivotal", "average", "weighted"):
+        config = CompressionConfig(merge=merge)
+        out = compress(keys, values, scores, is_image, config)
+        kept = out.num_kept
+        rows.append((f"compress lookm, merge={merge}",
+                     time_ms(lambda c=config: compress(keys, values, scores, is_image, c),
+                             args.repeat)))
+
+    print(f"LOOK-M core on CPU, one request, one layer: L={length} "
+          f"({int(is_image.sum())} image tokens), {args.heads} query / {args.kv_heads} KV heads, "
+          f"d={head_dim}, {args.dtype}, budget 0.2 -> {kept} kept per head, "
+          f"{torch.get_num_threads()} torch threads, {args.repeat} runs")
+    width = max(len(name) for name, _ in rows)
+    print(f"{'step':<{width}}  {'median ms':>10}  {'min ms':>10}")
+    for name, times in rows:
+        print(f"{name:<{width}}  {statistics.median(times):>10.1f}  {min(times):>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
