@@ -1,0 +1,777 @@
+"""LOOK-M scoring and merging on one GPU, against a Llama-7B-shaped prefill. Self-contained.
+
+Needs only torch and Triton (no vLLM, no downloads); imports ``lookm_vllm`` from this checkout.
+
+    python benchmarks/gpu_scoring.py --out results.json            # H200: about 2-3 minutes
+    python benchmarks/gpu_scoring.py --quick --out quick.json      # fewer sizes and repeats
+    python benchmarks/gpu_scoring.py --cpu-smoke --out smoke.json  # CPU: tiny sizes, Triton
+                                                                   # interpreter; code path only
+
+Sections (each one failing is recorded in the JSON and the run goes on; the JSON is rewritten
+after every section, so a killed run keeps what it measured):
+
+1. correctness: Triton scores vs a float64 torch reference (max abs / rel error), MHA, GQA,
+   head_dim 80 in fp16, an observation window, and prefill-chunk accumulation through ``out``.
+2. kept sets: realistic structured q/k (RoPE, attention sink, image tokens in clusters) at 9.8k
+   tokens; the kept sets of LOOK-M (50 % and 90 % image tokens) and H2O selected from Triton
+   scores vs from float64 scores; the fused merge assignment vs ``lookm_vllm.core``'s.
+3. timings at L = 2k, 9.8k, 16k, per layer and for 32 layers (one layer timed, times 32: every
+   layer has the same shapes): Triton full scoring (and its two passes), the core torch scoring
+   (chunked float32), window scoring (W = 32), ``compress`` per merge (pivotal / average /
+   weighted, selection included) with the core torch assignment and with the fused Triton one,
+   and the prefill of 32 random Llama-7B decoder layers with SDPA (flash) at the same length.
+
+FLOP convention: a causal (query, key) pair costs 2 * d FLOPs per query head for q . k. The
+kernel computes q . k twice (pass 1: log-sum-exp; pass 2: column sums), so its executed FLOPs
+are 4 * d * Hq * pairs, pairs = L (L + 1) / 2 for full scoring. That equals the "0.8 TFLOP per
+layer" at L = 9.8k quoted for Q.K^T over the full square once. Achieved TFLOP/s use executed
+FLOPs and are compared with 790 TFLOP/s (dense bf16 measured on H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PEAK_BF16_TFLOPS = 790.0
+NUM_LAYERS = 32
+LLAMA_7B = dict(hidden=4096, heads=32, intermediate=11008, head_dim=128)
+WINDOW = 32
+MERGES = ("pivotal", "average", "weighted")
+IMAGE_TOKENS_PER_IMAGE = 576  # LLaVA-1.5: 24 x 24 patches
+T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {message}", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_scoring.json"))
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny sizes on CPU through Triton's interpreter: exercises the code path only",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=240.0,
+        help="skip the remaining optional measurements once this many seconds have passed",
+    )
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: every size and repeat count in one place.
+# --------------------------------------------------------------------------------------------
+
+
+def make_plan(args) -> dict:
+    if args.cpu_smoke:
+        return dict(
+            device="cpu",
+            heads=4,
+            head_dim=64,
+            correctness=[
+                dict(name="mha_L96", hq=4, hkv=4, d=64, length=96, lq=96, dtype="bfloat16"),
+                dict(name="gqa_d80_fp16_L77", hq=4, hkv=2, d=80, length=77, lq=77,
+                     dtype="float16"),
+                dict(name="window8_L100", hq=4, hkv=4, d=64, length=100, lq=8, dtype="bfloat16"),
+            ],
+            chunk_check=dict(hq=4, hkv=2, d=64, length=90, chunks=[0, 30, 31, 90]),
+            kept_length=160,
+            lengths=[96, 160],
+            torch_full_lengths=[96, 160],
+            reps=dict(triton=1, torch=1, window=1, merge=1, prefill=1),
+            model=dict(layers=2, hidden=256, heads=4, intermediate=512, head_dim=64),
+        )
+    quick = args.quick
+    correctness = [
+        dict(name="mha_L1024", hq=32, hkv=32, d=128, length=1024, lq=1024, dtype="bfloat16"),
+        dict(name="window32_L4096", hq=32, hkv=32, d=128, length=4096, lq=WINDOW,
+             dtype="bfloat16"),
+    ]
+    if not quick:
+        correctness += [
+            dict(name="gqa32x8_L2048", hq=32, hkv=8, d=128, length=2048, lq=2048,
+                 dtype="bfloat16"),
+            dict(name="gqa8x2_d80_fp16_L777", hq=8, hkv=2, d=80, length=777, lq=777,
+                 dtype="float16"),
+        ]
+    return dict(
+        device="cuda",
+        heads=32,
+        head_dim=128,
+        correctness=correctness,
+        chunk_check=dict(hq=32, hkv=32, d=128, length=3000, chunks=[0, 1000, 2048, 3000]),
+        kept_length=2048 if quick else 9800,
+        lengths=[9800, 2048] if quick else [9800, 2048, 16384],
+        torch_full_lengths=[9800, 2048] if quick else [9800, 2048, 16384],
+        reps=dict(triton=5, torch=1 if quick else 2, window=10, merge=2 if quick else 3,
+                  prefill=1 if quick else 2),
+        model=dict(layers=NUM_LAYERS, **LLAMA_7B),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Results dict written to JSON after every section; a failing section is recorded."""
+
+    def __init__(self, path: Path, args) -> None:
+        self.path = path
+        self.results = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "conventions": {
+                "flops": "executed = 4 * d * Hq * causal_pairs (q.k in both passes); "
+                "causal_pairs = Lq * (query_start + 1) + Lq * (Lq - 1) / 2",
+                "layers": f"one layer timed, x{NUM_LAYERS} (all layers have the same shapes)",
+                "peak_bf16_tflops": PEAK_BF16_TFLOPS,
+                "times": "milliseconds, median over repeats, CUDA events after warmup",
+            },
+            "sections": {},
+            "errors": {},
+        }
+        self.save()
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        log(f"== {name}")
+        start = time.perf_counter()
+        try:
+            yield self.results["sections"].setdefault(name, {})
+        except Exception as exc:  # noqa: BLE001 - recorded and reported, the run goes on
+            self.results["errors"][name] = f"{type(exc).__name__}: {exc}"
+            log(f"!! {name} failed: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        finally:
+            self.results["sections"].setdefault(name, {})["section_s"] = round(
+                time.perf_counter() - start, 2
+            )
+            free_memory()
+            self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def time_ms(fn, device: str, warmup: int = 1, reps: int = 5) -> dict:
+    """Median / min wall time of ``fn()`` in ms (CUDA events on GPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": reps}
+
+
+def causal_pairs(length: int, num_queries: int) -> int:
+    query_start = length - num_queries
+    return num_queries * (query_start + 1) + num_queries * (num_queries - 1) // 2
+
+
+def over_budget(args, what: str, record: dict) -> bool:
+    if time.perf_counter() - T0 > args.budget_s:
+        record.setdefault("skipped", []).append(f"{what}: past --budget-s {args.budget_s}")
+        log(f"   skip {what}: past the time budget")
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def image_layout(length: int, image_fraction: float):
+    """bool [L]: text prefix, images of <= 576 tokens separated by text, a text question last."""
+    import torch
+
+    is_image = torch.zeros(length, dtype=torch.bool)
+    num_image = int(round(image_fraction * length))
+    if num_image == 0:
+        return is_image
+    num_images = max(1, round(num_image / IMAGE_TOKENS_PER_IMAGE))
+    text_gap = (length - num_image) // (num_images + 1)  # prefix, between images, question
+    position = text_gap
+    for i in range(num_images):
+        size = num_image // num_images + (1 if i < num_image % num_images else 0)
+        is_image[position : position + size] = True
+        position += size + text_gap
+    return is_image
+
+
+def rope(x, positions, base: float = 10000.0):
+    """Rotary embedding (Llama's rotate-half convention) on [..., L, d]."""
+    import torch
+
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def realistic_layer(length, hq, hkv, d, image_fraction, device, dtype=None, seed=0):
+    """One layer's post-RoPE queries [Hq, L, d], keys and values [Hkv, L, d] with structure.
+
+    Keys share a per-head offset (keys of a real layer are far from isotropic), carry a
+    relevance component along a query direction (text more relevant on average than image
+    patches), image tokens form clusters of near-duplicate patches, and token 0 is an attention
+    sink. Logits have a spread of a few units, as in Llama layers.
+    """
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    is_image = image_layout(length, image_fraction).to(device)
+    group = hq // hkv
+    direction = randn(hkv, 1, d)  # norm ~ sqrt(d)
+    offset = 0.7 * randn(hkv, 1, d)
+    relevance = torch.where(is_image, 0.7 * randn(hkv, length) - 0.3, randn(hkv, length) + 0.3)
+    keys = randn(hkv, length, d) + offset + 0.25 * relevance[..., None] * direction
+    image_positions = is_image.nonzero().squeeze(1)
+    if image_positions.numel():
+        prototypes = randn(hkv, 16, d)  # patches of an image cluster around a few prototypes
+        cluster = torch.arange(image_positions.numel(), device=device) // 37 % 16
+        keys[:, image_positions] = (
+            0.8 * prototypes[:, cluster] + 0.6 * keys[:, image_positions] + offset
+        )
+    keys[:, 0] = offset[:, 0] + 2.0 * direction[:, 0]  # attention sink
+    queries = randn(hq, length, d) + 0.35 * direction.repeat_interleave(group, 0)
+    positions = torch.arange(length, device=device)
+    queries = rope(queries, positions).to(dtype)
+    keys = rope(keys, positions).to(dtype)
+    values = randn(hkv, length, d).to(dtype)
+    return queries, keys, values, is_image
+
+
+def random_qk(hq, hkv, d, length, lq, dtype, device, seed=0):
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    direction = torch.randn(d, generator=gen, device=device)
+    keys = torch.randn(hkv, length, d, generator=gen, device=device)
+    keys += torch.randn(hkv, length, 1, generator=gen, device=device) * direction
+    queries = torch.randn(hq, lq, d, generator=gen, device=device) + 0.5 * direction
+    return queries.to(dtype), keys.to(dtype)
+
+
+def reference_scores(queries, keys, query_start=None):
+    """Float64 accumulated causal attention, one query head at a time (L x L per head)."""
+    import torch
+
+    hq, lq, d = queries.shape
+    hkv, length, _ = keys.shape
+    group = hq // hkv
+    query_start = length - lq if query_start is None else query_start
+    positions = query_start + torch.arange(lq, device=keys.device)
+    future = torch.arange(length, device=keys.device)[None, :] > positions[:, None]
+    scores = torch.zeros(hkv, length, dtype=torch.float64, device=keys.device)
+    for head in range(hq):
+        logits = queries[head].double() @ keys[head // group].double().T / math.sqrt(d)
+        logits.masked_fill_(future, float("-inf"))
+        scores[head // group] += logits.softmax(-1).sum(0)
+        del logits
+    return scores
+
+
+def error_stats(scores, reference) -> dict:
+    scores = scores.double()
+    diff = (scores - reference).abs()
+    significant = reference > 1e-3 * reference.max()
+    return {
+        "max_abs": diff.max().item(),
+        "max_rel": (diff[significant] / reference[significant]).max().item(),
+        "max_score": reference.max().item(),
+        "sum": scores.sum().item(),
+        "expected_sum": reference.sum().item(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Llama-7B-shaped prefill with random weights
+# --------------------------------------------------------------------------------------------
+
+
+class RandomLlama:
+    """Decoder layers of Llama (RMSNorm, fused QKV, RoPE, causal SDPA, SwiGLU) with random
+    weights, as vLLM runs them at prefill (no embedding lookup, no LM head)."""
+
+    def __init__(self, layers, hidden, heads, intermediate, head_dim, device, seed=0):
+        import torch
+
+        self.hidden, self.heads, self.head_dim = hidden, heads, head_dim
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def weight(rows, cols):
+            w = torch.empty(rows, cols, dtype=torch.bfloat16, device=device)
+            return w.normal_(0.0, 0.02, generator=gen)
+
+        ones = lambda: torch.ones(hidden, dtype=torch.bfloat16, device=device)  # noqa: E731
+        self.layers = [
+            dict(
+                ln_attn=ones(),
+                qkv=weight(3 * heads * head_dim, hidden),
+                out=weight(hidden, heads * head_dim),
+                ln_mlp=ones(),
+                gate_up=weight(2 * intermediate, hidden),
+                down=weight(hidden, intermediate),
+            )
+            for _ in range(layers)
+        ]
+        self.final_norm = ones()
+        self.num_params = sum(t.numel() for layer in self.layers for t in layer.values())
+
+    def forward(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        length = x.shape[0]
+        positions = torch.arange(length, device=x.device)
+        for layer in self.layers:
+            h = F.rms_norm(x, (self.hidden,), layer["ln_attn"], eps=1e-5)
+            q, k, v = F.linear(h, layer["qkv"]).view(length, 3, self.heads, self.head_dim).unbind(1)
+            q = rope(q.transpose(0, 1), positions).to(x.dtype)
+            k = rope(k.transpose(0, 1), positions).to(x.dtype)
+            attn = F.scaled_dot_product_attention(
+                q[None], k[None], v.transpose(0, 1)[None], is_causal=True
+            )
+            x = x + F.linear(attn[0].transpose(0, 1).reshape(length, -1), layer["out"])
+            h = F.rms_norm(x, (self.hidden,), layer["ln_mlp"], eps=1e-5)
+            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        return F.rms_norm(x, (self.hidden,), self.final_norm, eps=1e-5)
+
+
+def flash_context(device: str):
+    """SDPA restricted to the flash backend on GPU (what vLLM uses at prefill)."""
+    if device != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def section_env(record: dict, plan: dict) -> None:
+    import torch
+
+    record.update(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        device=plan["device"],
+    )
+    try:
+        import triton
+
+        record["triton"] = triton.__version__
+    except ImportError:
+        record["triton"] = None
+    if plan["device"] == "cuda":
+        record["gpu"] = torch.cuda.get_device_name()
+        record["capability"] = list(torch.cuda.get_device_capability())
+        record["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
+    from lookm_vllm import kernels
+
+    record["triton_available"] = kernels.TRITON_AVAILABLE
+    record["interpreter"] = kernels.interpreter_active()
+    log(f"   {record}")
+
+
+def section_correctness(record: dict, plan: dict) -> None:
+    import torch
+
+    from lookm_vllm.kernels import triton_accumulated_attention
+
+    try:
+        from lookm_vllm.core import accumulated_attention
+    except ImportError:
+        accumulated_attention = None
+    device = plan["device"]
+    for case in plan["correctness"]:
+        dtype = getattr(torch, case["dtype"])
+        queries, keys = random_qk(case["hq"], case["hkv"], case["d"], case["length"], case["lq"],
+                                  dtype, device)
+        start = time.perf_counter()
+        scores = triton_accumulated_attention(queries, keys)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        first_call_s = time.perf_counter() - start  # compile + autotune
+        reference = reference_scores(queries, keys)
+        stats = error_stats(scores, reference)
+        stats["first_call_s"] = round(first_call_s, 2)
+        if accumulated_attention is not None:
+            stats["core_torch_max_abs"] = error_stats(
+                accumulated_attention(queries, keys), reference
+            )["max_abs"]
+        record[case["name"]] = stats
+        log(f"   {case['name']}: {stats}")
+
+    chunk = plan["chunk_check"]
+    queries, keys = random_qk(chunk["hq"], chunk["hkv"], chunk["d"], chunk["length"],
+                              chunk["length"], torch.bfloat16, device, seed=1)
+    buffer = torch.zeros(chunk["hkv"], chunk["length"], device=device)
+    bounds = chunk["chunks"]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        triton_accumulated_attention(queries[:, start:end], keys[:, :end], start,
+                                     out=buffer[:, :end])
+    stats = error_stats(buffer, reference_scores(queries, keys))
+    stats["chunks"] = bounds
+    record["chunked_prefill"] = stats
+    log(f"   chunked_prefill: {stats}")
+
+
+def _kept_difference(mask, reference_mask) -> dict:
+    differing = (mask != reference_mask).sum(-1)
+    return {
+        "identical": bool(differing.sum().item() == 0),
+        "heads_differing": int((differing > 0).sum().item()),
+        "positions_differing": int(differing.sum().item()),
+        "kept_per_head": int(reference_mask[0].sum().item()),
+    }
+
+
+def section_kept_sets(record: dict, plan: dict) -> None:
+    import torch
+
+    from lookm_vllm.core import (
+        CompressionConfig,
+        accumulated_attention,
+        assign_to_kept,
+        select_kept,
+        selector_for,
+    )
+    from lookm_vllm.kernels import triton_accumulated_attention, triton_cosine_argmax
+
+    device, length = plan["device"], plan["kept_length"]
+    heads, d = plan["heads"], plan["head_dim"]
+    record["length"] = length
+    for image_fraction in (0.5, 0.9):
+        queries, keys, _, is_image = realistic_layer(length, heads, heads, d, image_fraction,
+                                                     device, seed=2)
+        scores = triton_accumulated_attention(queries, keys)
+        reference = reference_scores(queries, keys)
+        torch_scores = accumulated_attention(queries, keys)
+        tag = f"image{int(image_fraction * 100)}"
+        record[f"{tag}_scores"] = error_stats(scores, reference)
+        for method in ("lookm", "h2o"):
+            config = CompressionConfig(method=method)
+            selector = selector_for(config)
+
+            def kept_mask(s):
+                return select_kept(selector, s, is_image, config, heads).kept_mask
+
+            reference_mask = kept_mask(reference.float())
+            record[f"{tag}_{method}_triton_vs_float64"] = _kept_difference(
+                kept_mask(scores), reference_mask
+            )
+            record[f"{tag}_{method}_core_torch_vs_float64"] = _kept_difference(
+                kept_mask(torch_scores), reference_mask
+            )
+            log(f"   {tag} {method}: triton {record[f'{tag}_{method}_triton_vs_float64']}, "
+                f"core torch {record[f'{tag}_{method}_core_torch_vs_float64']}")
+
+        # Merge assignment on the LOOK-M split of this layer: fused kernel vs core (float32).
+        config = CompressionConfig(method="lookm")
+        mask = select_kept(selector_for(config), scores, is_image, config, heads).kept_mask
+        positions = torch.arange(length, device=device).expand(heads, length)
+        kept = positions[mask].view(heads, -1)
+        evicted = positions[~mask].view(heads, -1)
+
+        def gather(idx):
+            return keys.gather(1, idx[..., None].expand(-1, -1, d))
+
+        kept_keys, evicted_keys = gather(kept), gather(evicted)
+        target, similarity, valid = triton_cosine_argmax(kept_keys, evicted_keys)
+        expected = assign_to_kept(kept_keys.float(), evicted_keys.float())
+        same = target == expected.target
+        # Where the targets differ, how much worse (in reference cosine) the kernel's choice is.
+        kept_unit = torch.nn.functional.normalize(kept_keys.float(), dim=-1)
+        evicted_unit = torch.nn.functional.normalize(evicted_keys.float(), dim=-1)
+        chosen = (evicted_unit * kept_unit.gather(1, target[..., None].expand(-1, -1, d))).sum(-1)
+        record[f"{tag}_merge_assignment"] = {
+            "evicted_per_head": evicted.shape[1],
+            "target_agreement": same.float().mean().item(),
+            "targets_differing": int((~same).sum().item()),
+            "max_similarity_loss_where_differing": (
+                (expected.similarity - chosen)[~same].max().item() if (~same).any() else 0.0
+            ),
+            "max_similarity_abs_diff": (similarity - expected.similarity).abs().max().item(),
+            "valid_equal": bool(torch.equal(valid, expected.valid)),
+        }
+        log(f"   {tag} merge assignment: {record[f'{tag}_merge_assignment']}")
+        del queries, keys, reference, scores, torch_scores
+        free_memory()
+
+
+def _fused_assign(cache_dtype):
+    """assign_to_kept on the fused kernel. compress hands it float32 copies of the cached keys;
+    casting them back to the cache dtype is exact and lets the kernel use tensor cores."""
+    from lookm_vllm.core.merge import Assignment
+    from lookm_vllm.kernels import triton_cosine_argmax
+
+    def assign(kept_keys, evicted_keys, kept_group=None, evicted_group=None):
+        return Assignment(*triton_cosine_argmax(
+            kept_keys.to(cache_dtype), evicted_keys.to(cache_dtype), kept_group, evicted_group
+        ))  # fmt: skip
+
+    return assign
+
+
+@contextlib.contextmanager
+def fused_assignment(cache_dtype):
+    import importlib
+
+    # The package exports the function ``compress``, which hides the module of the same name.
+    compress_module = importlib.import_module("lookm_vllm.core.compress")
+
+    original = compress_module.assign_to_kept
+    compress_module.assign_to_kept = _fused_assign(cache_dtype)
+    try:
+        yield
+    finally:
+        compress_module.assign_to_kept = original
+
+
+def section_timings(record: dict, plan: dict, length: int, args, model_box: dict) -> None:
+    import torch
+
+    from lookm_vllm.kernels import triton_accumulated_attention, triton_query_logsumexp
+
+    device, heads, d = plan["device"], plan["heads"], plan["head_dim"]
+    reps = plan["reps"]
+    queries, keys, values, is_image = realistic_layer(length, heads, heads, d, 0.5, device,
+                                                      seed=3)
+    record["length"] = length
+    record["image_fraction"] = round(is_image.float().mean().item(), 3)
+    pairs = causal_pairs(length, length)
+    executed_tflop = 4 * d * heads * pairs / 1e12
+    record["executed_tflop_per_layer"] = executed_tflop
+
+    def per_layer(name, timing, tflop=None):
+        timing[f"x{NUM_LAYERS}_ms"] = timing["median_ms"] * NUM_LAYERS
+        if tflop is not None:
+            timing["tflops"] = tflop / (timing["median_ms"] / 1e3)
+            timing["fraction_of_peak"] = timing["tflops"] / PEAK_BF16_TFLOPS
+        record[name] = timing
+        log(f"   L={length} {name}: {timing['median_ms']:.3f} ms/layer, "
+            f"{timing[f'x{NUM_LAYERS}_ms']:.1f} ms x{NUM_LAYERS}"
+            + (f", {timing['tflops']:.0f} TFLOP/s" if tflop is not None else ""))
+
+    # Triton scoring: full, its passes, and the observation window.
+    per_layer("triton_full", time_ms(lambda: triton_accumulated_attention(queries, keys), device,
+                                     reps=reps["triton"]), executed_tflop)
+    per_layer("triton_pass1_lse", time_ms(lambda: triton_query_logsumexp(queries, keys), device,
+                                          reps=reps["triton"]), executed_tflop / 2)
+    lse = triton_query_logsumexp(queries, keys)
+    per_layer("triton_pass2_given_lse",
+              time_ms(lambda: triton_accumulated_attention(queries, keys, lse=lse), device,
+                      reps=reps["triton"]), executed_tflop / 2)
+    window = queries[:, -WINDOW:]
+    per_layer("triton_window", time_ms(lambda: triton_accumulated_attention(window, keys),
+                                       device, reps=reps["window"]),
+              4 * d * heads * causal_pairs(length, WINDOW) / 1e12)
+    scores = triton_accumulated_attention(queries, keys)
+
+    # Core torch scoring (float32, chunked), for comparison.
+    from lookm_vllm.core import CompressionConfig, accumulated_attention, compress
+
+    per_layer("torch_window", time_ms(lambda: accumulated_attention(window, keys), device,
+                                      reps=reps["window"]))
+    if length in plan["torch_full_lengths"] and not over_budget(args, f"torch_full L={length}",
+                                                                 record):
+        per_layer("torch_full", time_ms(lambda: accumulated_attention(queries, keys), device,
+                                        warmup=0 if length > 10000 else 1, reps=reps["torch"]))
+
+    # compress (selection + merge), core torch assignment and fused Triton assignment.
+    for merge in ("none",) + MERGES:
+        config = CompressionConfig(method="lookm", merge=merge)
+
+        def run(config=config):
+            return compress(keys, values, scores, is_image, config)
+
+        per_layer(f"compress_{merge}_torch", time_ms(run, device, reps=reps["merge"]))
+        if merge != "none":
+            with fused_assignment(keys.dtype):
+                per_layer(f"compress_{merge}_fused", time_ms(run, device, reps=reps["merge"]))
+    del lse, scores, window
+    free_memory()
+
+    # Prefill of the Llama-7B-shaped stack at the same length.
+    if over_budget(args, f"prefill L={length}", record):
+        return
+    if "model" not in model_box:
+        start = time.perf_counter()
+        model_box["model"] = RandomLlama(**plan["model"], device=device)
+        log(f"   built random Llama ({model_box['model'].num_params / 1e9:.2f} B params) in "
+            f"{time.perf_counter() - start:.1f}s")
+    model = model_box["model"]
+    hidden = torch.randn(length, plan["model"]["hidden"], device=device, dtype=torch.bfloat16)
+    with torch.inference_mode(), flash_context(device):
+        timing = time_ms(lambda: model.forward(hidden), device, warmup=1, reps=reps["prefill"])
+    timing["layers"] = len(model.layers)
+    timing["note"] = "whole stack timed (not x32)"
+    record["prefill_sdpa"] = timing
+    log(f"   L={length} prefill ({len(model.layers)} layers): {timing['median_ms']:.1f} ms")
+
+    prefill = timing["median_ms"] * NUM_LAYERS / len(model.layers)
+    record["prefill_ms_32_layers"] = prefill
+    ratios = {}
+    full = record["triton_full"]["x32_ms"]
+    for variant in ("torch", "fused"):
+        key = f"compress_pivotal_{variant}"
+        if key in record:
+            ratios[f"triton_full_plus_pivotal_{variant}_over_prefill"] = (
+                full + record[key]["x32_ms"]
+            ) / prefill
+    ratios["triton_window_over_prefill"] = record["triton_window"]["x32_ms"] / prefill
+    ratios["triton_full_over_prefill"] = full / prefill
+    if "torch_full" in record and "compress_pivotal_torch" in record:
+        ratios["torch_full_plus_pivotal_torch_over_prefill"] = (
+            record["torch_full"]["x32_ms"] + record["compress_pivotal_torch"]["x32_ms"]
+        ) / prefill
+    record["ratios"] = ratios
+    log(f"   L={length} ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
+
+
+def print_table(results: dict) -> None:
+    rows = [
+        ("triton full scoring", "triton_full"),
+        ("  pass 1 (lse)", "triton_pass1_lse"),
+        ("  pass 2 given lse", "triton_pass2_given_lse"),
+        ("torch full scoring (core)", "torch_full"),
+        ("triton window W=32", "triton_window"),
+        ("torch window W=32 (core)", "torch_window"),
+        ("compress, no merge", "compress_none_torch"),
+    ]
+    for merge in MERGES:
+        rows += [(f"compress {merge} (torch)", f"compress_{merge}_torch"),
+                 (f"compress {merge} (fused)", f"compress_{merge}_fused")]
+    timings = {k: v for k, v in results["sections"].items() if k.startswith("timings_L")}
+    if not timings:
+        return
+    names = sorted(timings, key=lambda k: timings[k].get("length", 0))
+    width = 30
+    print("\nms for 32 layers (one layer x32)   " + "".join(f"{n[8:]:>14}" for n in names))
+    for label, key in rows:
+        cells = []
+        for n in names:
+            entry = timings[n].get(key)
+            cells.append(f"{entry[f'x{NUM_LAYERS}_ms']:14.1f}" if entry else f"{'-':>14}")
+        print(f"{label:<{width}}     " + "".join(cells))
+    cells = []
+    for n in names:
+        prefill = timings[n].get("prefill_ms_32_layers")
+        cells.append(f"{prefill:14.1f}" if prefill else f"{'-':>14}")
+    print(f"{'prefill, 32 layers, SDPA':<{width}}     " + "".join(cells))
+    cells = []
+    for n in names:
+        entry = timings[n].get("triton_full")
+        cells.append(f"{entry['tflops']:14.0f}" if entry else f"{'-':>14}")
+    print(f"{'triton full TFLOP/s (executed)':<{width}}     " + "".join(cells))
+    for ratio in ("triton_full_plus_pivotal_fused_over_prefill",
+                  "triton_full_plus_pivotal_torch_over_prefill",
+                  "torch_full_plus_pivotal_torch_over_prefill", "triton_window_over_prefill"):
+        cells = []
+        for n in names:
+            value = timings[n].get("ratios", {}).get(ratio)
+            cells.append(f"{value:14.3f}" if value is not None else f"{'-':>14}")
+        print(f"{ratio[:width]:<{width}}     " + "".join(cells))
+    if results["errors"]:
+        print("\nERRORS: " + json.dumps(results["errors"], indent=2))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:  # must precede the first import of triton / the kernels
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    plan = make_plan(args)
+    if plan["device"] == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --cpu-smoke on a CPU machine", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    recorder = Recorder(args.out, args)
+    recorder.results["plan"] = {k: v for k, v in plan.items() if k != "correctness"}
+    log(f"writing {args.out}; device {plan['device']}; lengths {plan['lengths']}")
+
+    with recorder.section("env") as record:
+        section_env(record, plan)
+    with recorder.section("correctness") as record:
+        section_correctness(record, plan)
+    with recorder.section("kept_sets") as record:
+        section_kept_sets(record, plan)
+    model_box: dict = {}
+    for length in plan["lengths"]:
+        with recorder.section(f"timings_L{length}") as record:
+            section_timings(record, plan, length, args, model_box)
+    model_box.clear()
+    free_memory()
+    recorder.results["total_s"] = round(time.perf_counter() - T0, 1)
+    recorder.save()
+    print_table(recorder.results)
+    log(f"done in {recorder.results['total_s']} s; results in {args.out}")
+    return 1 if recorder.results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
