@@ -95,7 +95,7 @@ def make_plan(args) -> dict:
                 dict(name="window8_L100", hq=4, hkv=4, d=64, length=100, lq=8, dtype="bfloat16"),
             ],
             chunk_check=dict(hq=4, hkv=2, d=64, length=90, chunks=[0, 30, 31, 90]),
-            kept_length=160,
+            kept_lengths=[160],
             lengths=[96, 160],
             torch_full_lengths=[96, 160],
             reps=dict(triton=1, torch=1, window=1, merge=1, prefill=1),
@@ -120,7 +120,7 @@ def make_plan(args) -> dict:
         head_dim=128,
         correctness=correctness,
         chunk_check=dict(hq=32, hkv=32, d=128, length=3000, chunks=[0, 1000, 2048, 3000]),
-        kept_length=2048 if quick else 9800,
+        kept_lengths=[2048] if quick else [2048, 9800],
         lengths=[9800, 2048] if quick else [9800, 2048, 16384],
         torch_full_lengths=[9800, 2048] if quick else [9800, 2048, 16384],
         reps=dict(triton=5, torch=1 if quick else 2, window=10, merge=2 if quick else 3,
@@ -156,6 +156,7 @@ class Recorder:
     @contextlib.contextmanager
     def section(self, name: str):
         log(f"== {name}")
+        self.current = name
         start = time.perf_counter()
         try:
             yield self.results["sections"].setdefault(name, {})
@@ -169,6 +170,19 @@ class Recorder:
             )
             free_memory()
             self.save()
+
+    @contextlib.contextmanager
+    def part(self, record: dict, name: str):
+        """One measurement of a section: a failure is recorded and the section goes on."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - recorded and reported, the run goes on
+            message = f"{type(exc).__name__}: {exc}"
+            record.setdefault("errors", {})[name] = message
+            self.results["errors"][f"{self.current}/{name}"] = message
+            log(f"!! {self.current}/{name} failed: {message}")
+            traceback.print_exc()
+            free_memory()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +237,69 @@ def over_budget(args, what: str, record: dict) -> bool:
         log(f"   skip {what}: past the time budget")
         return True
     return False
+
+
+def install_config_stub() -> None:
+    """Stand in for ``lookm_vllm.core.config`` where pydantic is missing (the bare GPU image has
+    torch and Triton but no pydantic). The benchmark builds configs with explicit method and
+    merge only, so a frozen dataclass with the paper's defaults (budget 0.2 = alpha1 + alpha2,
+    recent 0.1 = alpha1) and the same derived fields is enough to run the real core code."""
+    import dataclasses
+    import types
+
+    attention_methods = frozenset({"lookm", "h2o", "snapkv"})
+
+    @dataclasses.dataclass(frozen=True)
+    class CompressionConfig:
+        method: str = "lookm"
+        budget: float = 0.2
+        recent_ratio: float = 0.1
+        merge: str | None = None
+        merge_scope: str = "all"
+        scoring: str | None = None
+        window: int = WINDOW
+        seed: int = 0
+        sink_tokens: int = 4
+
+        def __post_init__(self):
+            if self.merge is None:
+                object.__setattr__(self, "merge", "pivotal" if self.method == "lookm" else "none")
+            if self.scoring is None:
+                object.__setattr__(self, "scoring", "window" if self.method == "snapkv" else "full")
+
+        @classmethod
+        def parse(cls, obj):
+            if obj is None:
+                return cls()
+            return obj if isinstance(obj, cls) else cls(**obj)
+
+        @property
+        def is_active(self):
+            return self.method != "none" and self.budget < 1.0
+
+        @property
+        def needs_attention(self):
+            return self.is_active and self.method in attention_methods
+
+    module = types.ModuleType("lookm_vllm.core.config")
+    module.CompressionConfig = CompressionConfig
+    module.ATTENTION_METHODS = attention_methods
+    module.__getattr__ = lambda name: object  # type aliases (Method, MergeName, ...) if imported
+    sys.modules["lookm_vllm.core.config"] = module
+
+
+def import_core() -> str:
+    """Import ``lookm_vllm.core``; returns how its config was provided."""
+    try:
+        import pydantic  # noqa: F401
+
+        how = "pydantic"
+    except ImportError:
+        install_config_stub()
+        how = "dataclass stand-in (no pydantic here)"
+    import lookm_vllm.core  # noqa: F401
+
+    return how
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +566,7 @@ def _kept_difference(mask, reference_mask) -> dict:
     }
 
 
-def section_kept_sets(record: dict, plan: dict) -> None:
+def section_kept_sets(record: dict, plan: dict, length: int) -> None:
     import torch
 
     from lookm_vllm.core import (
@@ -501,7 +578,7 @@ def section_kept_sets(record: dict, plan: dict) -> None:
     )
     from lookm_vllm.kernels import triton_accumulated_attention, triton_cosine_argmax
 
-    device, length = plan["device"], plan["kept_length"]
+    device = plan["device"]
     heads, d = plan["heads"], plan["head_dim"]
     record["length"] = length
     for image_fraction in (0.5, 0.9):
@@ -591,7 +668,7 @@ def fused_assignment(cache_dtype):
         compress_module.assign_to_kept = original
 
 
-def section_timings(record: dict, plan: dict, length: int, args, model_box: dict) -> None:
+def section_timings(recorder, record: dict, plan: dict, length: int, args, model_box: dict):
     import torch
 
     from lookm_vllm.kernels import triton_accumulated_attention, triton_query_logsumexp
@@ -602,92 +679,112 @@ def section_timings(record: dict, plan: dict, length: int, args, model_box: dict
                                                       seed=3)
     record["length"] = length
     record["image_fraction"] = round(is_image.float().mean().item(), 3)
-    pairs = causal_pairs(length, length)
-    executed_tflop = 4 * d * heads * pairs / 1e12
+    executed_tflop = 4 * d * heads * causal_pairs(length, length) / 1e12
     record["executed_tflop_per_layer"] = executed_tflop
 
-    def per_layer(name, timing, tflop=None):
-        timing[f"x{NUM_LAYERS}_ms"] = timing["median_ms"] * NUM_LAYERS
-        if tflop is not None:
-            timing["tflops"] = tflop / (timing["median_ms"] / 1e3)
-            timing["fraction_of_peak"] = timing["tflops"] / PEAK_BF16_TFLOPS
-        record[name] = timing
-        log(f"   L={length} {name}: {timing['median_ms']:.3f} ms/layer, "
-            f"{timing[f'x{NUM_LAYERS}_ms']:.1f} ms x{NUM_LAYERS}"
-            + (f", {timing['tflops']:.0f} TFLOP/s" if tflop is not None else ""))
+    def per_layer(name, fn, tflop=None, **timing_kw):
+        with recorder.part(record, name):
+            timing = time_ms(fn, device, **timing_kw)
+            timing[f"x{NUM_LAYERS}_ms"] = timing["median_ms"] * NUM_LAYERS
+            if tflop is not None:
+                timing["tflops"] = tflop / (timing["median_ms"] / 1e3)
+                timing["fraction_of_peak"] = timing["tflops"] / PEAK_BF16_TFLOPS
+            record[name] = timing
+            log(f"   L={length} {name}: {timing['median_ms']:.3f} ms/layer, "
+                f"{timing[f'x{NUM_LAYERS}_ms']:.1f} ms x{NUM_LAYERS}"
+                + (f", {timing['tflops']:.0f} TFLOP/s" if tflop is not None else ""))
 
-    # Triton scoring: full, its passes, and the observation window.
-    per_layer("triton_full", time_ms(lambda: triton_accumulated_attention(queries, keys), device,
-                                     reps=reps["triton"]), executed_tflop)
-    per_layer("triton_pass1_lse", time_ms(lambda: triton_query_logsumexp(queries, keys), device,
-                                          reps=reps["triton"]), executed_tflop / 2)
-    lse = triton_query_logsumexp(queries, keys)
-    per_layer("triton_pass2_given_lse",
-              time_ms(lambda: triton_accumulated_attention(queries, keys, lse=lse), device,
-                      reps=reps["triton"]), executed_tflop / 2)
+    # Triton scoring: full, its two passes, and the observation window.
     window = queries[:, -WINDOW:]
-    per_layer("triton_window", time_ms(lambda: triton_accumulated_attention(window, keys),
-                                       device, reps=reps["window"]),
-              4 * d * heads * causal_pairs(length, WINDOW) / 1e12)
-    scores = triton_accumulated_attention(queries, keys)
+    per_layer("triton_full", lambda: triton_accumulated_attention(queries, keys), executed_tflop,
+              reps=reps["triton"])
+    per_layer("triton_pass1_lse", lambda: triton_query_logsumexp(queries, keys),
+              executed_tflop / 2, reps=reps["triton"])
+    with recorder.part(record, "lse"):
+        lse = triton_query_logsumexp(queries, keys)
+        per_layer("triton_pass2_given_lse",
+                  lambda: triton_accumulated_attention(queries, keys, lse=lse),
+                  executed_tflop / 2, reps=reps["triton"])
+    per_layer("triton_window", lambda: triton_accumulated_attention(window, keys),
+              4 * d * heads * causal_pairs(length, WINDOW) / 1e12, reps=reps["window"])
 
-    # Core torch scoring (float32, chunked), for comparison.
-    from lookm_vllm.core import CompressionConfig, accumulated_attention, compress
+    # Core torch scoring (float32, chunked) and compress (selection + merge), with the core
+    # torch assignment and with the fused Triton one.
+    with recorder.part(record, "core"):
+        from lookm_vllm.core import CompressionConfig, accumulated_attention, compress
 
-    per_layer("torch_window", time_ms(lambda: accumulated_attention(window, keys), device,
-                                      reps=reps["window"]))
-    if length in plan["torch_full_lengths"] and not over_budget(args, f"torch_full L={length}",
-                                                                 record):
-        per_layer("torch_full", time_ms(lambda: accumulated_attention(queries, keys), device,
-                                        warmup=0 if length > 10000 else 1, reps=reps["torch"]))
+        per_layer("torch_window", lambda: accumulated_attention(window, keys),
+                  reps=reps["window"])
+        if length in plan["torch_full_lengths"] and not over_budget(
+            args, f"torch_full L={length}", record
+        ):
+            per_layer("torch_full", lambda: accumulated_attention(queries, keys),
+                      warmup=0 if length > 10000 else 1, reps=reps["torch"])
+        scores = triton_accumulated_attention(queries, keys)
+        for merge in ("none",) + MERGES:
+            config = CompressionConfig(method="lookm", merge=merge)
 
-    # compress (selection + merge), core torch assignment and fused Triton assignment.
-    for merge in ("none",) + MERGES:
-        config = CompressionConfig(method="lookm", merge=merge)
+            def run(config=config):
+                return compress(keys, values, scores, is_image, config)
 
-        def run(config=config):
-            return compress(keys, values, scores, is_image, config)
-
-        per_layer(f"compress_{merge}_torch", time_ms(run, device, reps=reps["merge"]))
-        if merge != "none":
-            with fused_assignment(keys.dtype):
-                per_layer(f"compress_{merge}_fused", time_ms(run, device, reps=reps["merge"]))
-    del lse, scores, window
+            per_layer(f"compress_{merge}_torch", run, reps=reps["merge"])
+            if merge != "none":
+                with fused_assignment(keys.dtype):
+                    per_layer(f"compress_{merge}_fused", run, reps=reps["merge"])
+    del queries, keys, values, window
     free_memory()
 
     # Prefill of the Llama-7B-shaped stack at the same length.
     if over_budget(args, f"prefill L={length}", record):
         return
-    if "model" not in model_box:
-        start = time.perf_counter()
-        model_box["model"] = RandomLlama(**plan["model"], device=device)
-        log(f"   built random Llama ({model_box['model'].num_params / 1e9:.2f} B params) in "
-            f"{time.perf_counter() - start:.1f}s")
-    model = model_box["model"]
-    hidden = torch.randn(length, plan["model"]["hidden"], device=device, dtype=torch.bfloat16)
-    with torch.inference_mode(), flash_context(device):
-        timing = time_ms(lambda: model.forward(hidden), device, warmup=1, reps=reps["prefill"])
-    timing["layers"] = len(model.layers)
-    timing["note"] = "whole stack timed (not x32)"
-    record["prefill_sdpa"] = timing
-    log(f"   L={length} prefill ({len(model.layers)} layers): {timing['median_ms']:.1f} ms")
+    with recorder.part(record, "prefill_sdpa"):
+        if "model" not in model_box:
+            start = time.perf_counter()
+            model_box["model"] = RandomLlama(**plan["model"], device=device)
+            log(f"   built random Llama ({model_box['model'].num_params / 1e9:.2f} B params) in "
+                f"{time.perf_counter() - start:.1f}s")
+        model = model_box["model"]
+        hidden = torch.randn(length, plan["model"]["hidden"], device=device,
+                             dtype=torch.bfloat16)
+        try:
+            with torch.inference_mode(), flash_context(device):
+                timing = time_ms(lambda: model.forward(hidden), device, warmup=1,
+                                 reps=reps["prefill"])
+            timing["sdpa_backend"] = "flash" if device == "cuda" else "default"
+        except RuntimeError as exc:  # no flash kernel for this GPU / build: let SDPA choose
+            log(f"   flash SDPA unavailable ({exc}); timing SDPA's own choice")
+            with torch.inference_mode():
+                timing = time_ms(lambda: model.forward(hidden), device, warmup=1,
+                                 reps=reps["prefill"])
+            timing["sdpa_backend"] = f"default (flash failed: {exc})"
+        timing["layers"] = len(model.layers)
+        record["prefill_sdpa"] = timing
+        prefill = timing["median_ms"] * NUM_LAYERS / len(model.layers)
+        record["prefill_ms_32_layers"] = prefill
+        log(f"   L={length} prefill ({len(model.layers)} layers): {timing['median_ms']:.1f} ms")
 
-    prefill = timing["median_ms"] * NUM_LAYERS / len(model.layers)
-    record["prefill_ms_32_layers"] = prefill
+    if "prefill_ms_32_layers" not in record:
+        return
+    prefill = record["prefill_ms_32_layers"]
+
+    def x32(key):
+        return record[key][f"x{NUM_LAYERS}_ms"] if key in record else None
+
     ratios = {}
-    full = record["triton_full"]["x32_ms"]
-    for variant in ("torch", "fused"):
-        key = f"compress_pivotal_{variant}"
-        if key in record:
-            ratios[f"triton_full_plus_pivotal_{variant}_over_prefill"] = (
-                full + record[key]["x32_ms"]
-            ) / prefill
-    ratios["triton_window_over_prefill"] = record["triton_window"]["x32_ms"] / prefill
-    ratios["triton_full_over_prefill"] = full / prefill
-    if "torch_full" in record and "compress_pivotal_torch" in record:
-        ratios["torch_full_plus_pivotal_torch_over_prefill"] = (
-            record["torch_full"]["x32_ms"] + record["compress_pivotal_torch"]["x32_ms"]
-        ) / prefill
+    for name, parts in {
+        "triton_full_plus_pivotal_fused_over_prefill": ("triton_full", "compress_pivotal_fused"),
+        "triton_full_plus_pivotal_torch_over_prefill": ("triton_full", "compress_pivotal_torch"),
+        "torch_full_plus_pivotal_torch_over_prefill": ("torch_full", "compress_pivotal_torch"),
+        "triton_pass2_plus_pivotal_fused_over_prefill": (
+            "triton_pass2_given_lse", "compress_pivotal_fused"),
+        "triton_full_over_prefill": ("triton_full",),
+        "triton_window_over_prefill": ("triton_window",),
+        "triton_window_plus_pivotal_fused_over_prefill": (
+            "triton_window", "compress_pivotal_fused"),
+    }.items():
+        times = [x32(key) for key in parts]
+        if all(t is not None for t in times):
+            ratios[name] = sum(times) / prefill
     record["ratios"] = ratios
     log(f"   L={length} ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
 
@@ -756,14 +853,17 @@ def main(argv=None) -> int:
 
     with recorder.section("env") as record:
         section_env(record, plan)
+        record["core_config"] = "not importable"
+        record["core_config"] = import_core()
     with recorder.section("correctness") as record:
         section_correctness(record, plan)
-    with recorder.section("kept_sets") as record:
-        section_kept_sets(record, plan)
+    for length in plan["kept_lengths"]:
+        with recorder.section(f"kept_sets_L{length}") as record:
+            section_kept_sets(record, plan, length)
     model_box: dict = {}
     for length in plan["lengths"]:
         with recorder.section(f"timings_L{length}") as record:
-            section_timings(record, plan, length, args, model_box)
+            section_timings(recorder, record, plan, length, args, model_box)
     model_box.clear()
     free_memory()
     recorder.results["total_s"] = round(time.perf_counter() - T0, 1)
