@@ -101,6 +101,15 @@ def compress(
     CompressedKV
         Nothing evicted (method ``none``, budget 1.0, no image for LOOK-M, a budget covering
         everything) returns the input tensors unchanged with ``kept = arange(L)`` per head.
+
+    Notes
+    -----
+    Budget, per head (see :mod:`lookm_vllm.core.selection`): ``M = int(recent_ratio * L)``,
+    ``N = int(budget * L) - M``. Protected positions (the last ``M``, non-evictable ones and, for
+    LOOK-M, all text) are always kept; the older protected ones use up ``N`` first, and the best
+    remaining candidates fill the rest, so ``K = max(n_protected_older, N) + M``. Then the kept
+    evictable count (protected evictable ones included) is rounded up to a multiple of
+    ``keep_multiple`` with the next-best candidates, capped at the number of evictable positions.
     """
     config = CompressionConfig.parse(config)
     num_heads, length, _ = keys.shape

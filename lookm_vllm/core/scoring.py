@@ -94,20 +94,25 @@ class AttentionAccumulator:
         group = num_q_heads // num_kv_heads
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
         # [Hq, Lq, d] -> [Hkv, group, Lq, d]: consecutive query heads share a KV head.
-        q = queries.to(torch.float32).reshape(num_kv_heads, group, num_queries, head_dim)
+        q = (queries.to(torch.float32) * scale).reshape(num_kv_heads, group, num_queries, head_dim)
         k = keys.to(torch.float32)
         step = max(1, _MAX_BLOCK_ELEMENTS // (num_q_heads * num_keys))
         for first in range(0, num_queries, step):
             last = min(first + step, num_queries)
             # Causality: nothing after the chunk's last query is ever seen, so cut the keys there.
             seen = query_start + last
-            q_block = q[:, :, first:last].reshape(num_kv_heads, group * (last - first), head_dim)
-            logits = torch.bmm(q_block, k[:, :seen].transpose(1, 2)).mul_(scale)
-            logits = logits.view(num_kv_heads, group, last - first, seen)
+            rows = group * (last - first)
+            q_block = q[:, :, first:last].reshape(num_kv_heads, rows, head_dim)
+            logits = torch.bmm(q_block, k[:, :seen].transpose(1, 2))
             positions = torch.arange(query_start + first, query_start + last, device=device)
             future = torch.arange(seen, device=device)[None, :] > positions[:, None]
-            logits.masked_fill_(future, float("-inf"))
-            self.scores[:, :seen] += logits.softmax(dim=-1).sum(dim=(1, 2))
+            logits.view(num_kv_heads, group, last - first, seen).masked_fill_(future, -math.inf)
+            # Softmax in place, and its row normalisation folded into the sum over rows (one
+            # matmul with the reciprocal denominators): the block is never copied.
+            probabilities = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            inverse_total = probabilities.sum(dim=-1, keepdim=True).reciprocal_()
+            self.scores[:, :seen] += torch.bmm(inverse_total.transpose(1, 2),
+                                               probabilities).squeeze(1)
 
 
 def accumulated_attention(queries: Tensor, keys: Tensor, scale: float | None = None) -> Tensor:
