@@ -290,3 +290,29 @@ def test_non_evictable_rows_can_be_left_untouched():
     original = keys.gather(1, pinned.kept[..., None].expand(-1, -1, 32))
     assert torch.equal(pinned.keys[fixed], original[fixed])
     assert pinned.merge_counts.sum() == free.merge_counts.sum()  # moved, not dropped
+
+
+# Devices -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_cpu(method):
+    generator = torch.Generator().manual_seed(11)
+    queries = torch.randn(8, 160, 64, generator=generator)
+    keys, values, _ = layer(11, length=160, heads=2, head_dim=64)
+    is_image, evictable = engine_inputs(11)[3:]
+    config = CompressionConfig(method=method, merge="pivotal", merge_scope="same_modality")
+
+    def run(device):
+        scores = accumulated_attention(queries.to(device), keys.to(device))
+        return scores, compress(keys.to(device), values.to(device), scores, is_image, config,
+                                evictable=evictable, keep_multiple=8)
+
+    cpu_scores, cpu = run("cpu")
+    cuda_scores, cuda = run("cuda")
+    torch.testing.assert_close(cuda_scores.cpu(), cpu_scores, rtol=1e-4, atol=1e-4)
+    assert torch.equal(cuda.kept.cpu(), cpu.kept)
+    torch.testing.assert_close(cuda.keys.cpu(), cpu.keys, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cuda.values.cpu(), cpu.values, rtol=1e-4, atol=1e-4)
