@@ -38,7 +38,7 @@ NORM_EPS = 1e-12
 
 if TRITON_AVAILABLE:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_evicted", "num_kept"])
     def _cosine_argmax_kernel(
         EVICTED, KEPT, INV_E, INV_K, GROUP_E, GROUP_K, BEST, BEST_IDX,
         stride_eh, stride_em, stride_kh, stride_kn, stride_ieh, stride_ikh,

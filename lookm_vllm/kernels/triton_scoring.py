@@ -58,15 +58,18 @@ def _next_power_of_2(n: int) -> int:
 
 if TRITON_AVAILABLE:
 
-    @triton.jit
+    # Sizes are not specialised on (Triton would compile a variant per "divisible by 16" / "== 1"
+    # pattern of L, Lq and query_start); shape_class is only an autotuning key.
+    _SIZE_ARGS = ["num_queries", "num_keys", "query_start", "shape_class"]
+
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _query_lse_kernel(
         Q, K, LSE,
         stride_qh, stride_qm, stride_kh, stride_kn, stride_lh,
-        num_queries, num_keys, query_start, qk_scale,
+        num_queries, num_keys, query_start, qk_scale, shape_class,
         NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        SHAPE_CLASS: tl.constexpr,  # only an autotuning key
     ):  # fmt: skip
         # Late query tiles see the most keys: launch them first so the tail of the grid is short.
         num_tiles = tl.cdiv(num_queries, BLOCK_M)
@@ -114,15 +117,14 @@ if TRITON_AVAILABLE:
         tl.store(LSE + q_head.to(tl.int64) * stride_lh + offs_m, m_i + tl.log2(l_i),
                  mask=offs_m < num_queries)  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _key_colsum_kernel(
         Q, K, LSE, OUT,
         stride_qh, stride_qm, stride_kh, stride_kn, stride_lh, stride_oh, stride_on,
-        num_queries, num_keys, query_start, qk_scale,
+        num_queries, num_keys, query_start, qk_scale, shape_class,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        SHAPE_CLASS: tl.constexpr,  # only an autotuning key
     ):  # fmt: skip
         # Early key tiles are seen by the most queries: launch them first.
         pid = tl.program_id(0)
@@ -182,8 +184,8 @@ if TRITON_AVAILABLE:
 
     # A few Hopper/Ampere-friendly shapes (BLOCK_M = 32 for observation windows); configs that
     # do not fit a GPU's shared memory are skipped by the autotuner. Tuned once per head_dim,
-    # group size, dtype and SHAPE_CLASS (windows and short chunks vs long prefills).
-    _AUTOTUNE_KW = dict(key=["HEAD_DIM", "GROUP", "SHAPE_CLASS"], do_bench=quick_bench)
+    # group size, dtype and shape class (windows and chunks / mid-size / long prefills).
+    _AUTOTUNE_KW = dict(key=["HEAD_DIM", "GROUP", "shape_class"], do_bench=quick_bench)
     _query_lse_tuned = triton.autotune(
         _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]),
         **_AUTOTUNE_KW,
@@ -280,6 +282,10 @@ def _validate(queries: Tensor, keys: Tensor, query_start: int | None) -> tuple[i
     return query_start, queries, keys
 
 
+def _shape_class(num_queries: int) -> int:
+    return 0 if num_queries <= 256 else 1 if num_queries <= 4096 else 2
+
+
 def _launch_kwargs(queries: Tensor, scale: float | None) -> dict:
     head_dim = queries.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -289,7 +295,7 @@ def _launch_kwargs(queries: Tensor, scale: float | None) -> dict:
         BLOCK_D=max(16, _next_power_of_2(head_dim)),
         # Tensor cores would round float32 inputs to tf32 (10-bit mantissa): keep them exact.
         DOT_PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",
-        SHAPE_CLASS=int(queries.shape[1] > 256),
+        shape_class=_shape_class(queries.shape[1]),
     )
 
 
@@ -301,7 +307,7 @@ def _query_lse_log2(queries: Tensor, keys: Tensor, query_start: int, kw: dict) -
     args = (
         queries, keys, lse,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), lse.stride(0),
-        num_queries, num_keys, query_start, kw["qk_scale"],
+        num_queries, num_keys, query_start, kw["qk_scale"], kw["shape_class"],
     )  # fmt: skip
     meta = dict(
         NUM_Q_HEADS=num_q_heads,
@@ -309,7 +315,6 @@ def _query_lse_log2(queries: Tensor, keys: Tensor, query_start: int, kw: dict) -
         HEAD_DIM=kw["HEAD_DIM"],
         BLOCK_D=kw["BLOCK_D"],
         DOT_PRECISION=kw["DOT_PRECISION"],
-        SHAPE_CLASS=kw["SHAPE_CLASS"],
     )
     if _KERNELS_INTERPRETED:
         grid = (triton.cdiv(num_queries, _INTERPRETER_BLOCKS["BLOCK_M"]) * num_q_heads,)
@@ -407,7 +412,7 @@ def triton_accumulated_attention(
         queries, keys, lse_log2, out,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), lse_log2.stride(0),
         out.stride(0), out.stride(1),
-        num_queries, num_keys, query_start, kw["qk_scale"],
+        num_queries, num_keys, query_start, kw["qk_scale"], kw["shape_class"],
     )  # fmt: skip
     meta = dict(
         NUM_KV_HEADS=num_kv_heads,
@@ -415,7 +420,6 @@ def triton_accumulated_attention(
         HEAD_DIM=kw["HEAD_DIM"],
         BLOCK_D=kw["BLOCK_D"],
         DOT_PRECISION=kw["DOT_PRECISION"],
-        SHAPE_CLASS=kw["SHAPE_CLASS"],
     )
     if _KERNELS_INTERPRETED:
         grid = (triton.cdiv(num_keys, _INTERPRETER_BLOCKS["BLOCK_N"]) * num_kv_heads,)
