@@ -74,7 +74,13 @@ def _cpu_classes():
     )
 
     class LookMCPUAttentionBuilder(LookMBuilderMixin, CPUAttentionMetadataBuilder):
-        pass
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+            if lookm_enabled(vllm_config) and self.isa not in CpuAttnLayout.SUPPORTED_ISAS:
+                raise ValueError(
+                    f"LOOK-M does not support the CPU attention kernel '{self.isa}' (its paged "
+                    f"key layout is not known); use dtype float32/float16, or a CPU without "
+                    f"AMX for bfloat16. Supported: {CpuAttnLayout.SUPPORTED_ISAS}")
 
     class LookMCPUAttentionImpl(LookMImplMixin, CPUAttentionBackendImpl):
         layout = CpuAttnLayout()

@@ -19,18 +19,29 @@ class KVLayout(Protocol):
 
 
 class CpuAttnLayout:
-    """vLLM CPU_ATTN: one tensor ``[num_blocks, Hkv, block_size, 2 * d]`` per layer.
+    """vLLM CPU_ATTN: one contiguous tensor ``[num_blocks, Hkv, block_size, 2 * d]`` per layer.
 
-    The backend views it as ``[num_blocks, Hkv, 2 * block_size, d]`` and takes the first
-    ``block_size`` rows of each block/head as keys and the next ``block_size`` as values
-    (``CPUAttentionBackendImpl.forward``); a contract test checks this against
-    ``cpu_attn_reshape_and_cache`` on the installed build.
+    Each (block, head) holds ``block_size * d`` key elements, then as many value elements.
+    Values are stored ``[block_size, d]``; keys, for the ``vec``/``vec16`` kernels, TRANSPOSED
+    (``[d, block_size]``, what ``cpu_attn_reshape_and_cache`` writes). The ``amx`` kernel (bf16
+    on AMX CPUs) packs keys differently and is refused (``SUPPORTED_ISAS``). A contract test
+    checks both layouts against ``cpu_attn_reshape_and_cache`` on the installed build.
     """
 
+    SUPPORTED_ISAS = ("vec", "vec16")
+
     def split(self, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
-        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        both = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1)
-        return both[:, :, :block_size], both[:, :, block_size:]
+        if not kv_cache.is_contiguous():
+            raise ValueError("CPU_ATTN cache tensor is expected to be contiguous")
+        num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
+        head_dim = two_d // 2
+        size = (num_blocks, num_kv_heads, block_size, head_dim)
+        block_stride, head_stride = kv_cache.stride(0), kv_cache.stride(1)
+        base = kv_cache.storage_offset()
+        keys = kv_cache.as_strided(size, (block_stride, head_stride, 1, block_size), base)
+        values = kv_cache.as_strided(size, (block_stride, head_stride, head_dim, 1),
+                                     base + block_size * head_dim)
+        return keys, values
 
 
 class FlashAttnLayout:

@@ -131,17 +131,20 @@ class WorkerState:
 
     def _compress_layer(self, req_id: str, req: WorkerRequest, layer_name: str, key_cache: Tensor,
                         value_cache: Tensor, block_row: Tensor) -> None:
-        t0 = time.perf_counter()
         acc = req.accumulators.pop(layer_name, None)
-        result = compact_prompt(key_cache, value_cache, block_row, req.plan,
-                                None if acc is None else acc.scores)
+        scores = None if acc is None else acc.scores
+        dump_dir = os.environ.get(DUMP_ENV)
+        if dump_dir:  # before the cache is rewritten
+            before = gather_prompt(key_cache, value_cache, block_row, req.plan.prompt_len)
+        t0 = time.perf_counter()
+        result = compact_prompt(key_cache, value_cache, block_row, req.plan, scores)
         if key_cache.is_cuda:
             torch.cuda.synchronize(key_cache.device)
         req.compression_s += time.perf_counter() - t0
-        dump_dir = os.environ.get(DUMP_ENV)
         if dump_dir and result.slots is not None:
-            _dump(Path(dump_dir) / req_id, req, layer_name, key_cache, value_cache, block_row,
-                  result)
+            after = read_slots(key_cache, value_cache, block_row, result.slots)
+            _dump(Path(dump_dir) / req_id / f"epoch{req.plan.epoch}", layer_name, before, after,
+                  scores, result)
         if req.holes is None:
             req.holes, req.num_kept = result.holes, result.num_kept
         elif req.holes != result.holes:  # the plan is score-independent: this cannot differ
@@ -163,15 +166,16 @@ class WorkerState:
                 }
 
 
-def _dump(directory: Path, req: WorkerRequest, layer_name: str, key_cache: Tensor,
-          value_cache: Tensor, block_row: Tensor, result) -> None:
-    """Debug/test aid: save what the paged cache now holds for the kept positions."""
-    keys, values = read_slots(key_cache, value_cache, block_row, result.slots)
+def _dump(directory: Path, layer_name: str, before, after, scores, result) -> None:
+    """Debug/test aid: the layer's prompt KV and scores before compression, and what the paged
+    cache holds for the kept positions after it."""
     rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
-    path = directory / f"epoch{req.plan.epoch}" / f"{layer_name}.rank{rank}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kept": result.kept.cpu(), "slots": result.slots.cpu(), "keys": keys.cpu(),
-                "values": values.cpu(), "holes": result.holes}, path)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"kept": result.kept.cpu(), "slots": result.slots.cpu(), "holes": result.holes,
+                "keys_before": before[0].cpu(), "values_before": before[1].cpu(),
+                "scores": None if scores is None else scores.cpu(),
+                "keys": after[0].cpu(), "values": after[1].cpu()},
+               directory / f"{layer_name}.rank{rank}.pt")
 
 
 # Set LOOKM_DEBUG_DUMP_DIR to save, per request and compressed layer, the kept KV read back from

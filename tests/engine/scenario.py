@@ -9,7 +9,7 @@ in its own process: ``python -m tests.engine.scenario SPEC.json OUT.json``. The 
                    "kv_compression": {...} | null, "prompt_prefix": str}, ...], ...]}
 
 Each batch is one ``LLM.generate`` call (requests in a batch run concurrently). Outputs: token ids,
-prompt length and ``kv_transfer_params`` per request, and the pool's usage after each batch.
+prompt length and ``kv_transfer_params`` per request, and engine metrics after each batch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+
+# Engine metrics recorded after each batch (cumulative counters / current gauges).
+METRICS = ("vllm:kv_cache_usage_perc", "vllm:num_preemptions", "vllm:prefix_cache_hits",
+           "vllm:prefix_cache_queries")
 
 
 def build_model(spec: dict) -> str:
@@ -43,7 +48,7 @@ def main(spec_path: str, out_path: str) -> None:
         kwargs.update(engine_kwargs(spec.get("default")))
     llm = LLM(**kwargs)
     photos = test_images(64)
-    results = []
+    results, metrics = [], []
     for batch in spec["batches"]:
         prompts, params = [], []
         for req in batch:
@@ -60,13 +65,9 @@ def main(spec_path: str, out_path: str) -> None:
         results.append([{"token_ids": list(o.outputs[0].token_ids),
                          "prompt_token_ids": list(o.prompt_token_ids),
                          "kv_transfer_params": o.kv_transfer_params} for o in outputs])
-    usage = {m.name: getattr(m, "value", None) for m in llm.get_metrics()
-             if m.name == "vllm:kv_cache_usage_perc"}
-    preemptions = [getattr(m, "value", None) for m in llm.get_metrics()
-                   if m.name == "vllm:num_preemptions"]
+        metrics.append({m.name: m.value for m in llm.get_metrics() if m.name in METRICS})
     with open(out_path, "w") as f:
-        json.dump({"batches": results, "kv_cache_usage": usage,
-                   "num_preemptions": preemptions[0] if preemptions else None}, f)
+        json.dump({"batches": results, "metrics": metrics}, f)
 
 
 if __name__ == "__main__":

