@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -48,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 PEAK_BF16_TFLOPS = 790.0
 NUM_LAYERS = 32
-LLAMA_7B = dict(hidden=4096, heads=32, intermediate=11008, head_dim=128)
+LLAMA_7B = {"hidden": 4096, "heads": 32, "intermediate": 11008, "head_dim": 128}
 WINDOW = 32
 MERGES = ("pivotal", "average", "weighted")
 IMAGE_TOKENS_PER_IMAGE = 576  # LLaVA-1.5: 24 x 24 patches
@@ -82,51 +83,53 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
+def _case(name, hq, hkv, d, length, lq, dtype="bfloat16"):
+    return {"name": name, "hq": hq, "hkv": hkv, "d": d, "length": length, "lq": lq,
+            "dtype": dtype}  # fmt: skip
+
+
 def make_plan(args) -> dict:
     if args.cpu_smoke:
-        return dict(
-            device="cpu",
-            heads=4,
-            head_dim=64,
-            correctness=[
-                dict(name="mha_L96", hq=4, hkv=4, d=64, length=96, lq=96, dtype="bfloat16"),
-                dict(name="gqa_d80_fp16_L77", hq=4, hkv=2, d=80, length=77, lq=77,
-                     dtype="float16"),
-                dict(name="window8_L100", hq=4, hkv=4, d=64, length=100, lq=8, dtype="bfloat16"),
+        return {
+            "device": "cpu",
+            "heads": 4,
+            "head_dim": 64,
+            "correctness": [
+                _case("mha_L96", 4, 4, 64, 96, 96),
+                _case("gqa_d80_fp16_L77", 4, 2, 80, 77, 77, "float16"),
+                _case("window8_L100", 4, 4, 64, 100, 8),
             ],
-            chunk_check=dict(hq=4, hkv=2, d=64, length=90, chunks=[0, 30, 31, 90]),
-            kept_lengths=[160],
-            lengths=[96, 160],
-            torch_full_lengths=[96, 160],
-            reps=dict(triton=1, torch=1, window=1, merge=1, prefill=1),
-            model=dict(layers=2, hidden=256, heads=4, intermediate=512, head_dim=64),
-        )
+            "chunk_check": {"hq": 4, "hkv": 2, "d": 64, "length": 90, "chunks": [0, 30, 31, 90]},
+            "kept_lengths": [160],
+            "lengths": [96, 160],
+            "torch_full_lengths": [96, 160],
+            "reps": {"triton": 1, "torch": 1, "window": 1, "merge": 1, "prefill": 1},
+            "model": {"layers": 2, "hidden": 256, "heads": 4, "intermediate": 512, "head_dim": 64},
+        }
     quick = args.quick
     correctness = [
-        dict(name="mha_L1024", hq=32, hkv=32, d=128, length=1024, lq=1024, dtype="bfloat16"),
-        dict(name="window32_L4096", hq=32, hkv=32, d=128, length=4096, lq=WINDOW,
-             dtype="bfloat16"),
+        _case("mha_L1024", 32, 32, 128, 1024, 1024),
+        _case("window32_L4096", 32, 32, 128, 4096, WINDOW),
     ]
     if not quick:
         correctness += [
-            dict(name="gqa32x8_L2048", hq=32, hkv=8, d=128, length=2048, lq=2048,
-                 dtype="bfloat16"),
-            dict(name="gqa8x2_d80_fp16_L777", hq=8, hkv=2, d=80, length=777, lq=777,
-                 dtype="float16"),
+            _case("gqa32x8_L2048", 32, 8, 128, 2048, 2048),
+            _case("gqa8x2_d80_fp16_L777", 8, 2, 80, 777, 777, "float16"),
         ]
-    return dict(
-        device="cuda",
-        heads=32,
-        head_dim=128,
-        correctness=correctness,
-        chunk_check=dict(hq=32, hkv=32, d=128, length=3000, chunks=[0, 1000, 2048, 3000]),
-        kept_lengths=[2048] if quick else [2048, 9800],
-        lengths=[9800, 2048] if quick else [9800, 2048, 16384],
-        torch_full_lengths=[9800, 2048] if quick else [9800, 2048, 16384],
-        reps=dict(triton=5, torch=1 if quick else 2, window=10, merge=2 if quick else 3,
-                  prefill=1 if quick else 2),
-        model=dict(layers=NUM_LAYERS, **LLAMA_7B),
-    )
+    return {
+        "device": "cuda",
+        "heads": 32,
+        "head_dim": 128,
+        "correctness": correctness,
+        "chunk_check": {"hq": 32, "hkv": 32, "d": 128, "length": 3000,
+                        "chunks": [0, 1000, 2048, 3000]},
+        "kept_lengths": [2048] if quick else [2048, 9800],
+        "lengths": [9800, 2048] if quick else [9800, 2048, 16384],
+        "torch_full_lengths": [9800, 2048] if quick else [9800, 2048, 16384],
+        "reps": {"triton": 5, "torch": 1 if quick else 2, "window": 10,
+                 "merge": 2 if quick else 3, "prefill": 1 if quick else 2},
+        "model": {"layers": NUM_LAYERS, **LLAMA_7B},
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,15 +293,15 @@ def install_config_stub() -> None:
 
 def import_core() -> str:
     """Import ``lookm_vllm.core``; returns how its config was provided."""
-    try:
-        import pydantic  # noqa: F401
+    import importlib
+    import importlib.util
 
+    if importlib.util.find_spec("pydantic") is not None:
         how = "pydantic"
-    except ImportError:
+    else:
         install_config_stub()
         how = "dataclass stand-in (no pydantic here)"
-    import lookm_vllm.core  # noqa: F401
-
+    importlib.import_module("lookm_vllm.core")
     return how
 
 
@@ -312,7 +315,7 @@ def image_layout(length: int, image_fraction: float):
     import torch
 
     is_image = torch.zeros(length, dtype=torch.bool)
-    num_image = int(round(image_fraction * length))
+    num_image = round(image_fraction * length)
     if num_image == 0:
         return is_image
     num_images = max(1, round(num_image / IMAGE_TOKENS_PER_IMAGE))
@@ -437,16 +440,16 @@ class RandomLlama:
             w = torch.empty(rows, cols, dtype=torch.bfloat16, device=device)
             return w.normal_(0.0, 0.02, generator=gen)
 
-        ones = lambda: torch.ones(hidden, dtype=torch.bfloat16, device=device)  # noqa: E731
+        ones = lambda: torch.ones(hidden, dtype=torch.bfloat16, device=device)
         self.layers = [
-            dict(
-                ln_attn=ones(),
-                qkv=weight(3 * heads * head_dim, hidden),
-                out=weight(hidden, heads * head_dim),
-                ln_mlp=ones(),
-                gate_up=weight(2 * intermediate, hidden),
-                down=weight(hidden, intermediate),
-            )
+            {
+                "ln_attn": ones(),
+                "qkv": weight(3 * heads * head_dim, hidden),
+                "out": weight(hidden, heads * head_dim),
+                "ln_mlp": ones(),
+                "gate_up": weight(2 * intermediate, hidden),
+                "down": weight(hidden, intermediate),
+            }
             for _ in range(layers)
         ]
         self.final_norm = ones()
@@ -547,7 +550,7 @@ def section_correctness(record: dict, plan: dict) -> None:
                               chunk["length"], torch.bfloat16, device, seed=1)
     buffer = torch.zeros(chunk["hkv"], chunk["length"], device=device)
     bounds = chunk["chunks"]
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         triton_accumulated_attention(queries[:, start:end], keys[:, :end], start,
                                      out=buffer[:, :end])
     stats = error_stats(buffer, reference_scores(queries, keys))
@@ -591,18 +594,12 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
         record[f"{tag}_scores"] = error_stats(scores, reference)
         for method in ("lookm", "h2o"):
             config = CompressionConfig(method=method)
-            selector = selector_for(config)
-
-            def kept_mask(s):
-                return select_kept(selector, s, is_image, config, heads).kept_mask
-
-            reference_mask = kept_mask(reference.float())
-            record[f"{tag}_{method}_triton_vs_float64"] = _kept_difference(
-                kept_mask(scores), reference_mask
-            )
-            record[f"{tag}_{method}_core_torch_vs_float64"] = _kept_difference(
-                kept_mask(torch_scores), reference_mask
-            )
+            masks = [
+                select_kept(selector_for(config), s, is_image, config, heads).kept_mask
+                for s in (reference.float(), scores, torch_scores)
+            ]
+            record[f"{tag}_{method}_triton_vs_float64"] = _kept_difference(masks[1], masks[0])
+            record[f"{tag}_{method}_core_torch_vs_float64"] = _kept_difference(masks[2], masks[0])
             log(f"   {tag} {method}: triton {record[f'{tag}_{method}_triton_vs_float64']}, "
                 f"core torch {record[f'{tag}_{method}_core_torch_vs_float64']}")
 
@@ -613,10 +610,8 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
         kept = positions[mask].view(heads, -1)
         evicted = positions[~mask].view(heads, -1)
 
-        def gather(idx):
-            return keys.gather(1, idx[..., None].expand(-1, -1, d))
-
-        kept_keys, evicted_keys = gather(kept), gather(evicted)
+        kept_keys = keys.gather(1, kept[..., None].expand(-1, -1, d))
+        evicted_keys = keys.gather(1, evicted[..., None].expand(-1, -1, d))
         target, similarity, valid = triton_cosine_argmax(kept_keys, evicted_keys)
         expected = assign_to_kept(kept_keys.float(), evicted_keys.float())
         same = target == expected.target
@@ -731,9 +726,6 @@ def section_timings(recorder, record: dict, plan: dict, length: int, args, model
             if merge != "none":
                 with fused_assignment(keys.dtype):
                     per_layer(f"compress_{merge}_fused", run, reps=reps["merge"])
-    del queries, keys, values, window
-    free_memory()
-
     # Prefill of the Llama-7B-shaped stack at the same length.
     if over_budget(args, f"prefill L={length}", record):
         return

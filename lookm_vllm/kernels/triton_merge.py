@@ -136,7 +136,8 @@ def triton_cosine_argmax(
     if kept_keys.dtype != evicted_keys.dtype or kept_keys.device != evicted_keys.device:
         raise ValueError("kept_keys and evicted_keys must share dtype and device")
     interpreted = interpreter_active() and kept_keys.device.type == "cpu"
-    if not (cuda_kernels_usable(kept_keys) or interpreted) or kept_keys.dtype not in SUPPORTED_DTYPES:
+    runnable = cuda_kernels_usable(kept_keys) or interpreted
+    if not runnable or kept_keys.dtype not in SUPPORTED_DTYPES:
         raise RuntimeError(
             f"Triton merge kernel cannot run on {kept_keys.dtype} tensors on {kept_keys.device} "
             "(needs Triton and a CUDA device of compute capability >= 8.0, or CPU tensors with "
@@ -172,16 +173,16 @@ def triton_cosine_argmax(
             group_k.stride(0), best.stride(0),
             num_evicted, kept_keys.shape[1],
         )  # fmt: skip
-        meta = dict(
-            HAS_GROUPS=has_groups,
-            HEAD_DIM=head_dim,
-            BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
-            DOT_PRECISION="tf32x3" if kept_keys.dtype == torch.float32 else "tf32",
-        )
+        meta = {
+            "HAS_GROUPS": has_groups,
+            "HEAD_DIM": head_dim,
+            "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+            "DOT_PRECISION": "tf32x3" if kept_keys.dtype == torch.float32 else "tf32",
+        }
         if interpreted:
             grid = (triton.cdiv(num_evicted, 32), num_heads)
             _cosine_argmax_kernel[grid](*args, **meta, BLOCK_E=32, BLOCK_K=16)
         else:
-            grid = lambda m: (triton.cdiv(num_evicted, m["BLOCK_E"]), num_heads)  # noqa: E731
+            grid = lambda m: (triton.cdiv(num_evicted, m["BLOCK_E"]), num_heads)
             _cosine_argmax_tuned[grid](*args, **meta)
     return best_idx.to(torch.int64), best, torch.isfinite(best)

@@ -133,8 +133,9 @@ if TRITON_AVAILABLE:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        k_ptrs = K + kv_head.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-        k = tl.load(k_ptrs, mask=(offs_n[:, None] < num_keys) & d_ok[None, :], other=0.0)
+        k_base = K + kv_head.to(tl.int64) * stride_kh
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < num_keys) & d_ok[None, :], other=0.0)
         k_t = tl.trans(k)
 
         # Queries before m_start cannot see any key of the tile; from m_full on, every row sees
@@ -185,7 +186,7 @@ if TRITON_AVAILABLE:
     # A few Hopper/Ampere-friendly shapes (BLOCK_M = 32 for observation windows); configs that
     # do not fit a GPU's shared memory are skipped by the autotuner. Tuned once per head_dim,
     # group size, dtype and shape class (windows and chunks / mid-size / long prefills).
-    _AUTOTUNE_KW = dict(key=["HEAD_DIM", "GROUP", "shape_class"], do_bench=quick_bench)
+    _AUTOTUNE_KW = {"key": ["HEAD_DIM", "GROUP", "shape_class"], "do_bench": quick_bench}
     _query_lse_tuned = triton.autotune(
         _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]),
         **_AUTOTUNE_KW,
@@ -289,14 +290,14 @@ def _shape_class(num_queries: int) -> int:
 def _launch_kwargs(queries: Tensor, scale: float | None) -> dict:
     head_dim = queries.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    return dict(
-        qk_scale=scale * LOG2E,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, _next_power_of_2(head_dim)),
+    return {
+        "qk_scale": scale * LOG2E,
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(16, _next_power_of_2(head_dim)),
         # Tensor cores would round float32 inputs to tf32 (10-bit mantissa): keep them exact.
-        DOT_PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",
-        shape_class=_shape_class(queries.shape[1]),
-    )
+        "DOT_PRECISION": "ieee" if queries.dtype == torch.float32 else "tf32",
+        "shape_class": _shape_class(queries.shape[1]),
+    }
 
 
 def _query_lse_log2(queries: Tensor, keys: Tensor, query_start: int, kw: dict) -> Tensor:
@@ -309,18 +310,18 @@ def _query_lse_log2(queries: Tensor, keys: Tensor, query_start: int, kw: dict) -
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), lse.stride(0),
         num_queries, num_keys, query_start, kw["qk_scale"], kw["shape_class"],
     )  # fmt: skip
-    meta = dict(
-        NUM_Q_HEADS=num_q_heads,
-        GROUP=num_q_heads // num_kv_heads,
-        HEAD_DIM=kw["HEAD_DIM"],
-        BLOCK_D=kw["BLOCK_D"],
-        DOT_PRECISION=kw["DOT_PRECISION"],
-    )
+    meta = {
+        "NUM_Q_HEADS": num_q_heads,
+        "GROUP": num_q_heads // num_kv_heads,
+        "HEAD_DIM": kw["HEAD_DIM"],
+        "BLOCK_D": kw["BLOCK_D"],
+        "DOT_PRECISION": kw["DOT_PRECISION"],
+    }
     if _KERNELS_INTERPRETED:
         grid = (triton.cdiv(num_queries, _INTERPRETER_BLOCKS["BLOCK_M"]) * num_q_heads,)
         _query_lse_kernel[grid](*args, **meta, **_INTERPRETER_BLOCKS)
     else:
-        grid = lambda m: (triton.cdiv(num_queries, m["BLOCK_M"]) * num_q_heads,)  # noqa: E731
+        grid = lambda m: (triton.cdiv(num_queries, m["BLOCK_M"]) * num_q_heads,)
         _query_lse_tuned[grid](*args, **meta)
     return lse
 
@@ -414,17 +415,17 @@ def triton_accumulated_attention(
         out.stride(0), out.stride(1),
         num_queries, num_keys, query_start, kw["qk_scale"], kw["shape_class"],
     )  # fmt: skip
-    meta = dict(
-        NUM_KV_HEADS=num_kv_heads,
-        GROUP=num_q_heads // num_kv_heads,
-        HEAD_DIM=kw["HEAD_DIM"],
-        BLOCK_D=kw["BLOCK_D"],
-        DOT_PRECISION=kw["DOT_PRECISION"],
-    )
+    meta = {
+        "NUM_KV_HEADS": num_kv_heads,
+        "GROUP": num_q_heads // num_kv_heads,
+        "HEAD_DIM": kw["HEAD_DIM"],
+        "BLOCK_D": kw["BLOCK_D"],
+        "DOT_PRECISION": kw["DOT_PRECISION"],
+    }
     if _KERNELS_INTERPRETED:
         grid = (triton.cdiv(num_keys, _INTERPRETER_BLOCKS["BLOCK_N"]) * num_kv_heads,)
         _key_colsum_kernel[grid](*args, **meta, **_INTERPRETER_BLOCKS)
     else:
-        grid = lambda m: (triton.cdiv(num_keys, m["BLOCK_N"]) * num_kv_heads,)  # noqa: E731
+        grid = lambda m: (triton.cdiv(num_keys, m["BLOCK_N"]) * num_kv_heads,)
         _key_colsum_tuned[grid](*args, **meta)
     return out
