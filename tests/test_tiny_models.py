@@ -26,6 +26,8 @@ from lookm_vllm.testing.tiny_models import (
     chat_prompt,
     image_messages,
     load_processor,
+    vllm_engine_kwargs,
+    vllm_server_args,
     weights_hash,
 )
 
@@ -60,7 +62,9 @@ def test_build_is_deterministic_and_seeded(kind, tmp_path):
     assert a != b
     assert weights_hash(a) == weights_hash(b)
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
-    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert json.loads((a / "config.json").read_text()) == json.loads(
+        (b / "config.json").read_text()
+    )
     if kind == "llava":  # one family is enough to show the seed matters
         c = _build(kind, seed=1, cache_dir=tmp_path / "a")
         assert c != a and weights_hash(c) != weights_hash(a)
@@ -128,7 +132,8 @@ def test_tokenizer_and_chat_template(tiny_vlm):
     if tiny_vlm.kind == "llava":
         assert parts_prompt == f"<s>USER: <image>\n<image>\n{QUESTION}\nASSISTANT:"
         str_prompt = proc.apply_chat_template(
-            [{"role": "user", "content": "<image>\nhi"}], tokenize=False,
+            [{"role": "user", "content": "<image>\nhi"}],
+            tokenize=False,
             add_generation_prompt=True,
         )
         assert str_prompt == "<s>USER: <image>\nhi\nASSISTANT:"
@@ -201,8 +206,12 @@ def _hf_greedy(model, processor, prompt, images, max_tokens=MAX_TOKENS):
     inputs = processor(text=prompt, images=list(images), return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
-            **inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-            output_scores=True, return_dict_in_generate=True,
+            **inputs,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
     n = inputs["input_ids"].shape[1]
     tokens = out.sequences[0, n:].tolist()
@@ -325,8 +334,10 @@ def test_vllm_chat_matches_prompt_path(tiny_vlm, tiny_llm, vllm_outputs, photos)
         {
             "role": "user",
             "content": [
-                *({"type": "image_url", "image_url": {"url": image_to_data_url(photos[i])}}
-                  for i in s),
+                *(
+                    {"type": "image_url", "image_url": {"url": image_to_data_url(photos[i])}}
+                    for i in s
+                ),
                 {"type": "text", "text": QUESTION},
             ],
         }
@@ -336,3 +347,16 @@ def test_vllm_chat_matches_prompt_path(tiny_vlm, tiny_llm, vllm_outputs, photos)
     ref = vllm_outputs[0]
     assert list(out.prompt_token_ids) == list(ref.prompt_token_ids)
     assert list(out.outputs[0].token_ids) == list(ref.outputs[0].token_ids)
+
+
+def test_vllm_server_args_parse(tiny_llava_path):
+    """The server flags mirror vllm_engine_kwargs and parse with vLLM's own CLI parser."""
+    pytest.importorskip("vllm")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    ns = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_server_args(tiny_llava_path))
+    args = AsyncEngineArgs.from_cli_args(ns)
+    for key, val in vllm_engine_kwargs(tiny_llava_path).items():
+        assert getattr(args, key) == val, key

@@ -21,10 +21,10 @@ from PIL import Image
 
 __all__ = [
     "PHOTO_NAMES",
+    "image_to_bytes",
+    "image_to_data_url",
     "load_photo",
     "test_images",
-    "image_to_data_url",
-    "image_to_bytes",
 ]
 
 # Bundled with scikit-image's wheel (no pooch download needed); grayscale ones become RGB.
@@ -55,7 +55,7 @@ _MAX_SIDE = 640
 
 def _skimage_loader(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        import skimage.data as data
+        from skimage import data
 
         if name == "motorcycle":
             left, _right, _disp = data.stereo_motorcycle()
@@ -89,7 +89,7 @@ def _available_photos() -> dict[str, Callable[[], np.ndarray]]:
 PHOTO_NAMES: tuple[str, ...] = tuple(_available_photos())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_array(name: str) -> np.ndarray:
     loaders = _available_photos()
     if name not in loaders:

