@@ -1,9 +1,9 @@
 """Triton kernels (lookm_vllm.kernels) against float64 torch references.
 
-Without a GPU the kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET must be
-set before the kernels are defined (and stay set: Triton reads it again at launch), so this module
-sets it when there is no CUDA device and the variable is unset, and rebuilds the kernel modules if
-something imported them earlier. Without CUDA nothing else in the suite runs compiled Triton.
+Without a GPU the kernels run on CPU tensors through Triton's interpreter. TRITON_INTERPRET must be
+set when the kernels are defined (so this module sets it for its import of the kernel modules, and
+rebuilds them if something imported them earlier) and again at each launch (an autouse fixture
+sets it around this module's tests only, so other tests and their subprocesses never see it).
 On a GPU machine the same tests run the compiled kernels, plus ``gpu`` tests at realistic sizes.
 Ahead-of-time compilation for sm_80 / sm_90 is checked on CPU too.
 """
@@ -20,21 +20,26 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA and "TRITON_INTERPRET" not in os.environ:
+INTERPRET = not HAS_CUDA and "TRITON_INTERPRET" not in os.environ
+
+if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
-    _SET_INTERPRET = True
-else:
-    _SET_INTERPRET = False
+try:
+    from lookm_vllm.kernels import triton_merge, triton_scoring
 
-from lookm_vllm.kernels import triton_merge, triton_scoring
+    if INTERPRET and triton_scoring.TRITON_AVAILABLE and not triton_scoring.interpreter_active():
+        # Imported earlier without the variable: define the kernels again, interpreted.
+        triton_scoring = importlib.reload(triton_scoring)
+        triton_merge = importlib.reload(triton_merge)
+finally:
+    if INTERPRET:
+        del os.environ["TRITON_INTERPRET"]
 
-if (
-    _SET_INTERPRET
-    and triton_scoring.TRITON_AVAILABLE
-    and not triton_scoring.interpreter_active()
-):  # imported before this module set the variable: define the kernels again, interpreted
-    triton_scoring = importlib.reload(triton_scoring)
-    triton_merge = importlib.reload(triton_merge)
+
+@pytest.fixture(autouse=True)
+def _interpreter_at_launch(monkeypatch):
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 try:
     from lookm_vllm.core.merge import assign_to_kept
