@@ -3,15 +3,19 @@
 * ``tiny_llava_path`` / ``tiny_qwen2vl_path``: directories of the cached tiny models
   (``lookm_vllm.testing.tiny_models``; cache under ``$LOOKM_CACHE_DIR``).
 * ``tiny_vlm``: parametrised over both families (``TinyVLM``: kind, path, processor).
-* ``tiny_llm``: a ``vllm.LLM`` for ``tiny_vlm``, one per family and session. pytest groups the
-  tests by family and tears the previous engine down before starting the next, so only one engine
-  (with its worker processes) is alive at a time. Engine start is ~20-40 s on 2 cores.
+* ``vllm_engines``: a session pool holding at most ONE live ``vllm.LLM``:
+  ``vllm_engines.get(path, **kw)`` returns the engine for ``vllm_engine_kwargs(path, **kw)``,
+  reusing it when the arguments are the same and shutting the previous one down when they differ
+  (two engines' worker processes would fight over the 2 cores). Engine start: ~20-40 s.
+* ``tiny_llm``: the pooled ``vllm.LLM`` for ``tiny_vlm`` with the default engine kwargs. pytest
+  groups the tests by family, so each family's engine starts once per session.
 * ``photos``: 8 distinct real photos (PIL RGB).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +56,43 @@ def tiny_vlm(request) -> TinyVLM:
     return TinyVLM(kind=request.param, path=path, processor=load_processor(path))
 
 
-@pytest.fixture(scope="session")
-def tiny_llm(tiny_vlm: TinyVLM):
-    pytest.importorskip("vllm")
-    from vllm import LLM
+class VllmEnginePool:
+    """At most one live ``vllm.LLM`` at a time, keyed by its engine kwargs."""
 
-    llm = LLM(**vllm_engine_kwargs(tiny_vlm.path))
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._llm: Any = None
+
+    def get(self, model_path, **kwargs: Any):
+        pytest.importorskip("vllm")
+        engine_kwargs = vllm_engine_kwargs(model_path, **kwargs)
+        key = json.dumps(engine_kwargs, sort_keys=True, default=str)
+        if key != self._key:
+            self.close()
+            from vllm import LLM
+
+            self._llm = LLM(**engine_kwargs)
+            self._key = key
+        return self._llm
+
+    def close(self) -> None:
+        if self._llm is not None:
+            llm, self._llm, self._key = self._llm, None, None
+            close_vllm(llm)
+
+
+@pytest.fixture(scope="session")
+def vllm_engines():
+    pool = VllmEnginePool()
     try:
-        yield llm
+        yield pool
     finally:
-        close_vllm(llm)
+        pool.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_vlm: TinyVLM, vllm_engines: VllmEnginePool):
+    return vllm_engines.get(tiny_vlm.path)
 
 
 @pytest.fixture(scope="session")

@@ -246,7 +246,18 @@ def _cached_build(
     kind: str, params: dict[str, Any], builder, cache_dir: str | os.PathLike | None, force: bool
 ) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    meta = {"kind": kind, "build_version": BUILD_VERSION, "params": params}
+    import tokenizers
+    import transformers
+
+    # Library versions are part of the key: files saved by one transformers version are not
+    # guaranteed to load in another, and the BPE trainer could change between tokenizers versions.
+    meta = {
+        "kind": kind,
+        "build_version": BUILD_VERSION,
+        "params": params,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     target = root / f"{kind}-{key}"
     if not force and (target / _DONE_MARKER).is_file():
