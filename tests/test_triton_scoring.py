@@ -1,45 +1,29 @@
 """Triton kernels (lookm_vllm.kernels) against float64 torch references.
 
-Without a GPU the kernels run on CPU tensors through Triton's interpreter. TRITON_INTERPRET must be
-set when the kernels are defined (so this module sets it for its import of the kernel modules, and
-rebuilds them if something imported them earlier) and again at each launch (an autouse fixture
-sets it around this module's tests only, so other tests and their subprocesses never see it).
-On a GPU machine the same tests run the compiled kernels, plus ``gpu`` tests at realistic sizes.
+On a GPU machine the kernels run compiled, plus ``gpu`` tests at realistic sizes. Without a GPU
+they run on CPU tensors through Triton's interpreter, which must be on (TRITON_INTERPRET=1) when
+Triton itself is first imported (its own tl.max, tl.cdiv ... are jit functions too) and at every
+launch. So, unless the variable is already set (``TRITON_INTERPRET=1 pytest this_file`` runs them
+in-process), the kernel tests run in one pytest subprocess with the variable set
+(:func:`test_kernel_tests_in_interpreter_subprocess`), and the rest of the suite never sees it.
 Ahead-of-time compilation for sm_80 / sm_90 is checked on CPU too.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from lookm_vllm.kernels import triton_merge, triton_scoring
+
 HAS_CUDA = torch.cuda.is_available()
-INTERPRET = not HAS_CUDA and "TRITON_INTERPRET" not in os.environ
-
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from lookm_vllm.kernels import triton_merge, triton_scoring
-
-    if INTERPRET and triton_scoring.TRITON_AVAILABLE and not triton_scoring.interpreter_active():
-        # Imported earlier without the variable: define the kernels again, interpreted.
-        triton_scoring = importlib.reload(triton_scoring)
-        triton_merge = importlib.reload(triton_merge)
-finally:
-    if INTERPRET:
-        del os.environ["TRITON_INTERPRET"]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_at_launch(monkeypatch):
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 try:
     from lookm_vllm.core.merge import assign_to_kept
@@ -53,15 +37,33 @@ elif triton_scoring.interpreter_active():
     DEVICE = "cpu"
 else:
     DEVICE = None
+# No GPU, interpreter off: the kernel tests run in a subprocess with the interpreter on.
+IN_SUBPROCESS = DEVICE is None and triton_scoring.TRITON_AVAILABLE and not HAS_CUDA
 
 needs_kernels = pytest.mark.skipif(
     DEVICE is None,
     reason=(
         "Triton is not installed"
         if not triton_scoring.TRITON_AVAILABLE
-        else "no usable CUDA GPU and Triton's interpreter is off (TRITON_INTERPRET=0)"
+        else "run with TRITON_INTERPRET=1 by test_kernel_tests_in_interpreter_subprocess"
+        if IN_SUBPROCESS
+        else "no usable CUDA GPU (compute capability >= 8.0)"
     ),
 )
+
+
+@pytest.mark.skipif(not IN_SUBPROCESS, reason="the kernel tests run in this process")
+def test_kernel_tests_in_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not interpreter_subprocess and not compile_for and not import_without"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=900, check=False,
+    )  # fmt: skip
+    summary = result.stdout[-6000:]
+    passed = re.search(r"(\d+) passed", summary)
+    assert result.returncode == 0 and passed and int(passed.group(1)) >= 14, summary
 
 
 def reference_scores(queries, keys, query_start=None, scale=None):
