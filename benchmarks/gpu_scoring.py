@@ -328,15 +328,22 @@ def image_layout(length: int, image_fraction: float):
     return is_image
 
 
-def rope(x, positions, base: float = 10000.0):
-    """Rotary embedding (Llama's rotate-half convention) on [..., L, d]."""
+def rope_tables(length: int, head_dim: int, device, dtype, base: float = 10000.0):
+    """cos, sin [L, d/2] of Llama's rotary embedding."""
+    import torch
+
+    half = head_dim // 2
+    freqs = base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x, cos, sin):
+    """Rotary embedding (rotate-half convention) on [..., L, d], in the dtype of the tables."""
     import torch
 
     half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * freqs[None, :]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -371,9 +378,9 @@ def realistic_layer(length, hq, hkv, d, image_fraction, device, dtype=None, seed
         )
     keys[:, 0] = offset[:, 0] + 2.0 * direction[:, 0]  # attention sink
     queries = randn(hq, length, d) + 0.35 * direction.repeat_interleave(group, 0)
-    positions = torch.arange(length, device=device)
-    queries = rope(queries, positions).to(dtype)
-    keys = rope(keys, positions).to(dtype)
+    cos, sin = rope_tables(length, d, device, torch.float32)
+    queries = rope(queries, cos, sin).to(dtype)
+    keys = rope(keys, cos, sin).to(dtype)
     values = randn(hkv, length, d).to(dtype)
     return queries, keys, values, is_image
 
@@ -456,16 +463,14 @@ class RandomLlama:
         self.num_params = sum(t.numel() for layer in self.layers for t in layer.values())
 
     def forward(self, x):
-        import torch
         import torch.nn.functional as F
 
         length = x.shape[0]
-        positions = torch.arange(length, device=x.device)
+        cos, sin = rope_tables(length, self.head_dim, x.device, x.dtype)
         for layer in self.layers:
             h = F.rms_norm(x, (self.hidden,), layer["ln_attn"], eps=1e-5)
             q, k, v = F.linear(h, layer["qkv"]).view(length, 3, self.heads, self.head_dim).unbind(1)
-            q = rope(q.transpose(0, 1), positions).to(x.dtype)
-            k = rope(k.transpose(0, 1), positions).to(x.dtype)
+            q, k = rope(q.transpose(0, 1), cos, sin), rope(k.transpose(0, 1), cos, sin)
             attn = F.scaled_dot_product_attention(
                 q[None], k[None], v.transpose(0, 1)[None], is_causal=True
             )
@@ -596,7 +601,7 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
             config = CompressionConfig(method=method)
             masks = [
                 select_kept(selector_for(config), s, is_image, config, heads).kept_mask
-                for s in (reference.float(), scores, torch_scores)
+                for s in (reference, scores, torch_scores)
             ]
             record[f"{tag}_{method}_triton_vs_float64"] = _kept_difference(masks[1], masks[0])
             record[f"{tag}_{method}_core_torch_vs_float64"] = _kept_difference(masks[2], masks[0])
@@ -613,7 +618,8 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
         kept_keys = keys.gather(1, kept[..., None].expand(-1, -1, d))
         evicted_keys = keys.gather(1, evicted[..., None].expand(-1, -1, d))
         target, similarity, valid = triton_cosine_argmax(kept_keys, evicted_keys)
-        expected = assign_to_kept(kept_keys.float(), evicted_keys.float())
+        expected = assign_to_kept(kept_keys.float(), evicted_keys.float())  # what compress does
+        exact = assign_to_kept(kept_keys.double(), evicted_keys.double())
         same = target == expected.target
         # Where the targets differ, how much worse (in reference cosine) the kernel's choice is.
         kept_unit = torch.nn.functional.normalize(kept_keys.float(), dim=-1)
@@ -628,6 +634,10 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
             ),
             "max_similarity_abs_diff": (similarity - expected.similarity).abs().max().item(),
             "valid_equal": bool(torch.equal(valid, expected.valid)),
+            "triton_vs_float64_agreement": (target == exact.target).float().mean().item(),
+            "core_float32_vs_float64_agreement": (
+                (expected.target == exact.target).float().mean().item()
+            ),
         }
         log(f"   {tag} merge assignment: {record[f'{tag}_merge_assignment']}")
         del queries, keys, reference, scores, torch_scores
