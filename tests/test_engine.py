@@ -227,8 +227,9 @@ def test_prefix_caching_is_kept_and_never_corrupted(runs, tiny_llava_path):
     shared = {"images": [0, 4], "question": "Describe the first picture."}
     compressed = {"images": [0, 4], "question": "Describe the last picture.",
                   "kv_compression": LOOKM_02}
-    alone = runs("prefix_alone", {"model": "llava", "batches": [[shared]]})
-    mixed = runs("prefix_mixed", {"model": "llava",
+    engine = {"enable_prefix_caching": True}
+    alone = runs("prefix_alone", {"model": "llava", "engine": engine, "batches": [[shared]]})
+    mixed = runs("prefix_mixed", {"model": "llava", "engine": engine,
                                   "batches": [[shared], [compressed], [shared], [compressed]]})
     expected = alone["batches"][0][0]["token_ids"]
     assert mixed["batches"][0][0]["token_ids"] == expected

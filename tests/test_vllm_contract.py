@@ -1,0 +1,152 @@
+"""Contract tests: every private vLLM name the adapter touches, checked against the installed
+vLLM. A vLLM upgrade that moves or changes one of them fails here, loudly, before anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+
+def params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_pinned_version():
+    assert vllm.__version__ == "0.32.0"
+
+
+def test_connector_hooks_exist_with_expected_signatures():
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+    cls = base.KVConnectorBase_V1
+    assert params(cls.__init__) == ["self", "vllm_config", "role", "kv_cache_config"]
+    assert params(cls.handle_preemptions) == ["self", "kv_connector_metadata"]
+    assert params(cls.build_connector_worker_meta) == ["self"]
+    assert params(cls.on_new_request) == ["self", "request"]
+    assert params(cls.build_connector_meta) == ["self", "scheduler_output"]
+    assert params(cls.update_connector_output) == ["self", "connector_output"]
+    assert params(cls.bind_kv_cache_manager) == ["self", "kv_cache_manager"]
+    assert params(base.SupportsHMA.request_finished_all_groups) == ["self", "request", "block_ids"]
+    assert "aggregate" in base.KVConnectorWorkerMetadata.__abstractmethods__
+    assert hasattr(cls, "requires_piecewise_for_cudagraph")
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    assert isinstance(KVConnectorFactory._registry, dict)
+    assert params(KVConnectorFactory.register_connector) == ["name", "module_path", "class_name"]
+
+
+def test_runner_calls_handle_preemptions_before_building_attention_metadata():
+    """The plans must reach the worker before ``_build_attention_metadata`` runs."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    source = inspect.getsource(GPUModelRunner.execute_model)
+    assert source.index("handle_preemptions(") < source.index("self._build_attention_metadata(")
+    assert "num_reqs" in params(GPUModelRunner._build_attention_metadata)
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    assert issubclass(CPUModelRunner, GPUModelRunner)
+    # the runner's persistent batch lists request ids in metadata row order
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    assert isinstance(inspect.getattr_static(InputBatch, "req_ids"), property)
+
+
+def test_scheduler_side_names():
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+    from vllm.v1.request import Request
+
+    assert params(SingleTypeKVCacheManager._remove_blocks_in_range) == [
+        "self", "request_id", "first_block", "last_block"]
+    assert "single_type_managers" in inspect.getsource(KVCacheCoordinator.__init__)
+    assert "self.coordinator" in inspect.getsource(KVCacheManager.__init__)
+    assert hasattr(BlockPool, "get_num_free_blocks")
+    fields = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    assert {"preempted_req_ids", "num_scheduled_tokens", "finished_req_ids"} <= fields
+    assert hasattr(Request, "update_block_hashes")
+    init = inspect.getsource(Request.__init__)
+    assert "self.cache_salt" in init and "self.block_hashes" in init
+    from vllm.v1.core import kv_cache_utils
+
+    # a request's cache salt enters its first block hash (and so every chained hash)
+    assert "request.cache_salt" in inspect.getsource(kv_cache_utils)
+
+
+def test_attention_backend_names():
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.attention.backends import cpu_attn
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    assert {"CPU_ATTN", "FLASH_ATTN"} <= set(AttentionBackendEnum.__members__)
+    assert callable(register_backend)
+    fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    assert {"query_start_loc_cpu", "seq_lens", "seq_lens_cpu_upper_bound", "block_table_tensor",
+            "num_reqs"} <= fields
+    assert params(cpu_attn.CPUAttentionMetadataBuilder.__init__) == [
+        "self", "kv_cache_spec", "layer_names", "vllm_config", "device"]
+    assert params(cpu_attn.CPUAttentionMetadataBuilder.build)[:3] == [
+        "self", "common_prefix_len", "common_attn_metadata"]
+    assert params(cpu_attn.CPUAttentionBackendImpl.forward) == [
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+        "output_scale", "output_block_scale"]
+    md_fields = {f.name for f in dataclasses.fields(cpu_attn.CPUAttentionMetadata)}
+    assert {"block_table", "seq_lens", "query_start_loc"} <= md_fields
+
+
+@pytest.mark.parametrize("dtype,head_dim,block_size", [
+    (torch.float32, 32, 32), (torch.float32, 80, 32), (torch.float32, 64, 64),
+    (torch.float16, 128, 32)])
+def test_cpu_attn_cache_layout_matches_reshape_and_cache(dtype, head_dim, block_size):
+    """CpuAttnLayout reads exactly what vLLM's CPU kernel wrote (keys transposed per block)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from lookm_vllm.vllm_adapter.kv_layout import CpuAttnLayout
+
+    isa = _get_attn_isa(dtype, block_size, head_dim)
+    if isa not in CpuAttnLayout.SUPPORTED_ISAS:
+        pytest.skip(f"kernel {isa} is refused by the plugin")
+    heads, blocks, tokens = 2, 5, 3 * block_size
+    cache = torch.zeros(blocks, heads, block_size, 2 * head_dim, dtype=dtype)
+    key_view, value_view = cache.view(blocks, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    key = torch.randn(tokens, heads, head_dim).to(dtype)
+    value = torch.randn(tokens, heads, head_dim).to(dtype)
+    slots = torch.arange(tokens) + block_size          # blocks 1..3
+    ops.cpu_attn_reshape_and_cache(key, value, key_view, value_view, slots, isa)
+    keys, values = CpuAttnLayout().split(cache)
+    got_k = keys[1:4].permute(1, 0, 2, 3).reshape(heads, tokens, head_dim)
+    got_v = values[1:4].permute(1, 0, 2, 3).reshape(heads, tokens, head_dim)
+    assert torch.equal(got_k, key.transpose(0, 1))
+    assert torch.equal(got_v, value.transpose(0, 1))
+    # writing through the views lands where the kernel reads
+    keys[2, 1, 3] = 7.0
+    assert torch.equal(CpuAttnLayout().split(cache)[0][2, 1, 3], torch.full((head_dim,), 7.0,
+                                                                             dtype=dtype))
+
+
+def test_input_processor_validation_hook_target():
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    assert params(InputProcessor._validate_params) == ["self", "params", "supported_tasks"]
+    assert "self._validate_params(" in inspect.getsource(InputProcessor.process_inputs)
+    from vllm.exceptions import VLLMValidationError
+
+    assert "parameter" in params(VLLMValidationError.__init__)
+
+
+def test_placeholder_range_and_feature_fields():
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    pr = {f.name for f in dataclasses.fields(PlaceholderRange)}
+    assert {"offset", "length", "is_embed"} <= pr
+    spec = {f.name for f in dataclasses.fields(MultiModalFeatureSpec)}
+    assert {"modality", "mm_position"} <= spec
