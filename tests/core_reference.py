@@ -41,7 +41,7 @@ def _pooled(row: list[float], kernel: int = 5) -> list[float]:
 
 
 def _top(candidates: list[int], rank: list[float], count: int) -> list[int]:
-    return sorted(candidates, key=lambda j: -rank[j])[:count]
+    return sorted(candidates, key=lambda j: -rank[j])[: max(0, count)]
 
 
 def _method_rank(method, scores, head, length, seed, sink_tokens):
@@ -85,25 +85,38 @@ def reference_kept_paper(method, scores, is_image, budget, recent_ratio, seed=0,
 
 def reference_kept_engine(method, scores, is_image, budget, recent_ratio, evictable,
                           keep_multiple, seed=0, sink_tokens=4):
-    """Kept positions per head under the documented evictable / keep_multiple rule."""
+    """Kept positions per head under the documented evictable / keep_multiple rule.
+
+    The paper's kept set per head (``evictable`` ignored), then: every non-evictable position,
+    and in every head the same number k of evictable positions, k being the largest per-head count
+    of evictable positions the paper keeps, rounded up to a multiple of ``keep_multiple`` and
+    capped at the number of evictable positions; each head tops up with its best-ranked evictable
+    positions not yet kept.
+    """
     num_heads, length = scores.shape
-    m = int(recent_ratio * length)
-    n = int(budget * length) - m
-    protected = [
-        j >= length - m or not evictable[j] or (method == "lookm" and not is_image[j])
-        for j in range(length)
-    ]
-    protected_older = sum(1 for j in range(length - m) if protected[j])
-    extra = max(0, n - protected_older)
-    protected_evictable = sum(1 for j in range(length) if protected[j] and evictable[j])
-    wanted = protected_evictable + extra
-    wanted = math.ceil(wanted / keep_multiple) * keep_multiple
-    extra = min(wanted, sum(evictable)) - protected_evictable
-    candidates = [j for j in range(length) if not protected[j]]
+    paper = reference_kept_paper(method, scores, is_image, budget, recent_ratio, seed,
+                                 sink_tokens)
+    counts = []
+    for head in range(num_heads):
+        count = 0
+        for j in paper[head]:
+            if evictable[j]:
+                count += 1
+        counts.append(count)
+    num_evictable = sum(1 for j in range(length) if evictable[j])
+    k = max(counts)
+    while k % keep_multiple:
+        k += 1
+    k = min(k, num_evictable)
     kept = []
     for head in range(num_heads):
+        chosen = set(paper[head])
+        for j in range(length):
+            if not evictable[j]:
+                chosen.add(j)
         rank = _method_rank(method, scores, head, length, seed, sink_tokens)
-        chosen = {j for j in range(length) if protected[j]} | set(_top(candidates, rank, extra))
+        missing = [j for j in range(length) if evictable[j] and j not in chosen]
+        chosen |= set(_top(missing, rank, k - counts[head]))
         kept.append(sorted(chosen))
     return kept
 

@@ -14,6 +14,7 @@ from lookm_vllm.core import (
     CompressionConfig,
     accumulated_attention,
     compress,
+    selector_for,
 )
 
 from .test_core_reference import LAYOUTS, image_mask
@@ -243,6 +244,20 @@ def engine_inputs(seed: int, block: int = 8):
     return keys, values, scores, is_image, evictable
 
 
+def assert_engine_superset(out, paper, evictable, keep_multiple):
+    """The engine rule: the paper's kept set plus non-evictable positions, k evictable per head."""
+    assert out.kept_mask[:, ~evictable].all()  # non-evictable positions are always kept
+    assert (out.kept_mask >= paper.kept_mask).all()  # each head keeps what the paper keeps
+    kept_evictable = (out.kept_mask & evictable).sum(dim=1)
+    assert (kept_evictable == out.num_kept_evictable).all()  # the same k in every head
+    num_evictable = int(evictable.sum())
+    assert out.num_kept == int((~evictable).sum()) + out.num_kept_evictable
+    paper_evictable = int((paper.kept_mask & evictable).sum(dim=1).max())
+    rounded = -(-paper_evictable // keep_multiple) * keep_multiple
+    assert out.num_kept_evictable == min(rounded, num_evictable)
+    assert out.num_kept_evictable % keep_multiple == 0 or out.num_kept_evictable == num_evictable
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("keep_multiple", [1, 8, 32])
 def test_evictable_positions_and_rounding(method, keep_multiple):
@@ -250,20 +265,106 @@ def test_evictable_positions_and_rounding(method, keep_multiple):
     config = CompressionConfig(method=method, budget=0.2, recent_ratio=0.1)
     out = compress(keys, values, scores, is_image, config, evictable=evictable,
                    keep_multiple=keep_multiple)
+    paper = compress(keys, values, scores, is_image, config)
     assert_consistent(out, 160)
-    assert out.kept_mask[:, ~evictable].all()  # never evicted
-    kept_evictable = (out.kept_mask & evictable).sum(dim=1)
-    assert (kept_evictable == out.num_kept_evictable).all()
-    assert out.num_kept_evictable % keep_multiple == 0 or \
-        out.num_kept_evictable == int(evictable.sum())
-    # Without rounding, the kept total is the paper's max(n_protected_older, N) + M.
+    assert_engine_superset(out, paper, evictable, keep_multiple)
+    # Heads that keep more than the paper top up with their best-ranked evictable positions.
+    rank = selector_for(config).rank(scores, 4, 160)
+    extra = out.kept_mask & ~paper.kept_mask & evictable
+    dropped = ~out.kept_mask & evictable
+    for head in range(4):
+        if extra[head].any() and dropped[head].any():
+            assert rank[head, extra[head]].min() > rank[head, dropped[head]].max()
+    # Rounding only keeps more (each head's next-best evictable positions), never other ones.
     unrounded = compress(keys, values, scores, is_image, config, evictable=evictable)
-    n_protected_older = int((~evictable[:144] | (~is_image[:144] if method == "lookm" else
-                                                  torch.zeros(144, dtype=torch.bool))).sum())
-    assert unrounded.num_kept == max(n_protected_older, 32 - 16) + 16
-    # Rounding only keeps more (the next-best candidates), never fewer or different ones.
     assert (out.kept_mask >= unrounded.kept_mask).all()
     assert out.num_kept - unrounded.num_kept < keep_multiple
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.6])
+@pytest.mark.parametrize("keep_multiple", [1, 7, 16])
+def test_engine_keeps_a_superset_of_the_paper(method, budget, keep_multiple):
+    seed = METHODS.index(method) * 100 + int(budget * 100) + keep_multiple
+    keys, values, scores, is_image, evictable = engine_inputs(seed)
+    evictable = evictable.clone()
+    evictable[40:43] = False  # scattered pinned positions too
+    config = CompressionConfig(method=method, budget=budget, recent_ratio=min(0.1, budget),
+                               merge="pivotal")
+    out = compress(keys, values, scores, is_image, config, evictable=evictable,
+                   keep_multiple=keep_multiple)
+    paper = compress(keys, values, scores, is_image, config)
+    assert_consistent(out, 160)
+    assert_engine_superset(out, paper, evictable, keep_multiple)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_evictable_is_the_paper_exactly(method):
+    keys, values, scores = layer(12, length=150)
+    is_image = image_mask("many", 150)
+    config = CompressionConfig(method=method, budget=0.3, merge="pivotal")
+    paper = compress(keys, values, scores, is_image, config)
+    everything = compress(keys, values, scores, is_image, config,
+                          evictable=torch.ones(150, dtype=torch.bool))
+    for name in ("kept", "kept_mask", "merge_counts", "keys", "values"):
+        assert torch.equal(getattr(everything, name), getattr(paper, name)), name
+    assert everything.num_kept == paper.num_kept == paper.num_kept_evictable
+
+
+def engine_block_layout(block: int = 32, image_len: int = 144, num_images: int = 8):
+    """A prompt as the vLLM engine sees it: images at offsets that are not block-aligned."""
+    prefix, gap, suffix = 3, 4, 1
+    length = prefix + num_images * image_len + (num_images - 1) * gap + suffix
+    is_image = torch.zeros(length, dtype=torch.bool)
+    starts = [prefix + i * (image_len + gap) for i in range(num_images)]
+    for start in starts:
+        is_image[start:start + image_len] = True
+    assert all(start % block for start in starts)
+    recent_start = length - int(0.1 * length)
+    # The engine can free whole blocks of image tokens lying before the recent window.
+    evictable = torch.zeros(length, dtype=torch.bool)
+    for b in range(recent_start // block):
+        if is_image[b * block:(b + 1) * block].all():
+            evictable[b * block:(b + 1) * block] = True
+    return is_image, evictable
+
+
+def test_engine_blocks_keep_the_image_tokens_the_scores_choose():
+    block = 32
+    is_image, evictable = engine_block_layout(block)
+    length = is_image.shape[0]
+    assert 25 <= int((~is_image).sum()) <= 35
+    config = CompressionConfig(budget=0.2, recent_ratio=0.1, merge="pivotal")
+    recent = torch.arange(length) >= length - int(0.1 * length)
+    important = int(0.2 * length) - int(0.1 * length)
+    # The hard case: the older positions the engine cannot free outnumber the paper's N.
+    assert int((~evictable & ~recent).sum()) > important
+    keys, values, scores = layer(13, length=length, head_dim=8)
+
+    out = compress(keys, values, scores, is_image, config, evictable=evictable,
+                   keep_multiple=block)
+    paper = compress(keys, values, scores, is_image, config)
+
+    assert_consistent(out, length)
+    assert_engine_superset(out, paper, evictable, block)
+    assert out.num_kept_evictable > 0 and out.num_kept_evictable % block == 0
+    assert (paper.kept_mask & evictable).any(dim=1).all()  # the paper picks freeable images
+    # Which evictable positions are kept follows the scores: permute them among the evictable
+    # positions and the kept set moves with them.
+    positions = evictable.nonzero().flatten()
+    permuted = scores.clone()
+    permuted[:, positions] = scores[:, positions.flip(0)]
+    moved = compress(keys, values, permuted, is_image, config, evictable=evictable,
+                     keep_multiple=block)
+    assert_engine_superset(moved, compress(keys, values, permuted, is_image, config),
+                           evictable, block)
+    assert not torch.equal(moved.kept_mask & evictable, out.kept_mask & evictable)
+    # ...exactly: the paper's evictable picks of each head are the permuted positions.
+    mirror = torch.empty(length, dtype=torch.long)
+    mirror[positions] = positions.flip(0)
+    for head in range(4):
+        picked = (paper.kept_mask[head] & evictable).nonzero().flatten()
+        assert moved.kept_mask[head, mirror[picked]].all()
 
 
 def test_rounding_beyond_the_evictable_count_keeps_everything():

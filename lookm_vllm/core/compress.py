@@ -86,11 +86,14 @@ def compress(
     config : CompressionConfig, dict, str or None
         Anything :meth:`CompressionConfig.parse` accepts.
     evictable : Tensor, optional
-        bool ``[L]`` for engines that evict whole blocks: False positions are never evicted and
-        count toward the kept total (like LOOK-M's text). All positions when not given.
+        bool ``[L]`` for engines that evict whole blocks: the positions the engine is able to
+        free. It does not change the paper's selection; False positions are kept on top of it.
+        All positions when not given.
     keep_multiple : int
-        Round the kept evictable count per head UP to a multiple of this (e.g. the block size),
-        by keeping the next-best candidates; capped at the number of evictable positions.
+        Every head keeps the same number ``k`` of evictable positions: the largest per-head count
+        of evictable positions the paper keeps, rounded UP to a multiple of this (e.g. the block
+        size) and capped at the number of evictable positions; heads below ``k`` keep their
+        next-best evictable positions.
     merge_into_non_evictable : bool
         If False, evicted tokens merge only into kept *evictable* tokens, so non-evictable entries
         come back bit-identical and an engine need not rewrite their blocks. True (the paper: any
@@ -105,11 +108,13 @@ def compress(
     Notes
     -----
     Budget, per head (see :mod:`lookm_vllm.core.selection`): ``M = int(recent_ratio * L)``,
-    ``N = int(budget * L) - M``. Protected positions (the last ``M``, non-evictable ones and, for
-    LOOK-M, all text) are always kept; the older protected ones use up ``N`` first, and the best
-    remaining candidates fill the rest, so ``K = max(n_protected_older, N) + M``. Then the kept
-    evictable count (protected evictable ones included) is rounded up to a multiple of
-    ``keep_multiple`` with the next-best candidates, capped at the number of evictable positions.
+    ``N = int(budget * L) - M``. Protected positions (the last ``M`` and, for LOOK-M, all text)
+    are always kept; the older protected ones use up ``N`` first, and the best remaining
+    candidates fill the rest, so the paper keeps ``max(n_protected_older, N) + M`` per head. With
+    ``evictable`` / ``keep_multiple``, each head keeps a superset of that: every non-evictable
+    position, plus ``k`` evictable ones, where ``k`` is the most evictable positions the paper
+    keeps in any head, rounded up to a multiple of ``keep_multiple`` and capped at the number of
+    evictable positions: ``K = n_non_evictable + k``.
     """
     config = CompressionConfig.parse(config)
     num_heads, length, _ = keys.shape

@@ -2,18 +2,30 @@
 
 Budget (the paper's, for every method): with ``L`` prompt positions, the recent window ``R`` is the
 last ``M = int(recent_ratio * L)`` positions and ``N = int(budget * L) - M`` more are kept from the
-older positions. A method ranks the older positions per head; the shared :func:`select_kept` keeps
-the best of them. Some positions are *protected*, kept whatever their rank: the recent window,
-positions the engine marks non-evictable, and, for LOOK-M, every text token (the text prior).
-Protected older positions use up the ``N`` first, so per head::
+older positions. A method ranks the positions per head; the shared :func:`select_kept` keeps the
+best of them.
 
-    kept = max(n_protected_older, N) + M          # the paper's max(n_text_nonrecent, N) + M
+1. The paper's selection. Some positions are *protected*, kept whatever their rank: the recent
+   window and the method's :meth:`Selector.always_kept` (for LOOK-M every text token: the text
+   prior). The older protected positions use up ``N`` first; each head then keeps its
+   ``max(0, N - n_protected_older)`` best-ranked unprotected positions, so per head::
 
-which is the same count for every head, though which candidates are kept may differ per head.
+       kept = max(n_protected_older, N) + M       # the paper's max(n_text_nonrecent, N) + M
 
-Whole-block engines: the number of kept *evictable* positions (protected ones included) is then
-rounded up to a multiple of ``keep_multiple`` (never beyond the number of evictable positions),
-by keeping the next-best candidates, so the kept evictable entries fill whole blocks.
+   the same count for every head, though which candidates are kept may differ per head.
+
+2. The engine's superset (``evictable`` / ``keep_multiple``, for engines that free whole blocks).
+   ``evictable`` only says which positions the engine is *able* to free; it never changes the
+   paper's preferences. Every non-evictable position is kept. Let ``k_h`` be the number of
+   evictable positions the paper keeps in head ``h`` (protected ones included) and
+   ``k = min(round_up(max_h k_h, keep_multiple), n_evictable)``. Each head keeps exactly ``k``
+   evictable positions: the ``k_h`` the paper keeps, then its ``k - k_h`` best-ranked remaining
+   evictable positions. So each head's kept set contains the paper's, and per head::
+
+       num_kept = n_non_evictable + k,    num_kept_evictable = k
+
+   Without ``evictable`` (all positions evictable) and with ``keep_multiple = 1`` this is exactly
+   the paper's selection. Evicted means not kept; merging is unaffected by this rule.
 """
 
 from __future__ import annotations
@@ -41,8 +53,8 @@ def important_count(length: int, budget: float, recent_ratio: float) -> int:
 class Selector:
     """Ranks the older prompt positions of every KV head; higher is kept first.
 
-    Subclasses override :meth:`rank` and, to protect positions beyond the recent window and the
-    engine's non-evictable ones, :meth:`always_kept`.
+    Subclasses override :meth:`rank` and, to protect positions beyond the recent window,
+    :meth:`always_kept`.
     """
 
     def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
@@ -149,6 +161,20 @@ def _round_up(count: int, multiple: int) -> int:
     return -(-count // multiple) * multiple
 
 
+def _keep_best(kept_mask: Tensor, rank: Tensor, allowed: Tensor, counts: Tensor) -> None:
+    """In place: head ``h`` also keeps its ``counts[h]`` best-ranked ``allowed`` unkept positions.
+
+    ``counts[h]`` must not exceed the number of such positions in head ``h``.
+    """
+    most = int(counts.max())
+    if most == 0:
+        return
+    free = allowed & ~kept_mask
+    best = rank.masked_fill(~free, float("-inf")).topk(most, dim=-1, sorted=True).indices
+    take = torch.arange(most, device=kept_mask.device) < counts[:, None]
+    kept_mask |= torch.zeros_like(kept_mask).scatter_(1, best, take)
+
+
 def select_kept(
     selector: Selector,
     scores: Tensor | None,
@@ -158,7 +184,7 @@ def select_kept(
     evictable: Tensor | None = None,
     keep_multiple: int = 1,
 ) -> Selection:
-    """Choose the kept positions of every head under the paper's budget (see module docstring).
+    """Choose the kept positions of every head (the rule is in the module docstring).
 
     Parameters
     ----------
@@ -173,10 +199,11 @@ def select_kept(
     num_heads : int
         Number of KV heads ``H``.
     evictable : Tensor, optional
-        bool ``[L]``; False positions are always kept and count toward the kept total. All
-        positions are evictable when not given.
+        bool ``[L]``, the positions the engine can free. False positions are always kept (on top
+        of the paper's selection, which ignores this mask). All positions when not given.
     keep_multiple : int
-        The kept evictable count is rounded up to a multiple of this.
+        The kept evictable count is rounded up to a multiple of this (capped at the number of
+        evictable positions) with each head's next-best evictable positions.
 
     Returns
     -------
@@ -186,33 +213,43 @@ def select_kept(
     device = is_image.device
     if keep_multiple < 1:
         raise ValueError(f"keep_multiple must be >= 1, got {keep_multiple}")
-    if evictable is None:
-        evictable = torch.ones(length, dtype=torch.bool, device=device)
     recent = torch.arange(length, device=device) >= length - recent_window_size(
         length, config.recent_ratio
     )
-    protected = recent | ~evictable
+    protected = recent.clone()
     always_kept = selector.always_kept(is_image)
     if always_kept is not None:
         protected |= always_kept
 
+    # 1. The paper's selection, as if every position were evictable.
     wanted = important_count(length, config.budget, config.recent_ratio)
     num_selected = max(0, wanted - int((protected & ~recent).sum()))
-    protected_evictable = int((protected & evictable).sum())
-    kept_evictable = min(_round_up(protected_evictable + num_selected, keep_multiple),
-                         int(evictable.sum()))
-    num_selected = kept_evictable - protected_evictable
-
-    kept_mask = protected.expand(num_heads, length).clone()
     num_candidates = length - int(protected.sum())
+    kept_mask = protected.expand(num_heads, length).clone()
+    rank = None
     if num_selected == num_candidates:
         kept_mask.fill_(True)
     elif num_selected > 0:
         rank = selector.rank(scores, num_heads, length).to(device)
-        rank = rank.masked_fill(protected, float("-inf"))
-        kept_mask.scatter_(1, rank.topk(num_selected, dim=-1, sorted=False).indices, True)
+        candidate_rank = rank.masked_fill(protected, float("-inf"))
+        kept_mask.scatter_(1, candidate_rank.topk(num_selected, dim=-1, sorted=False).indices,
+                           True)
+
+    # 2. The engine's superset: all non-evictable positions, k evictable ones in every head.
+    if evictable is None:
+        evictable = torch.ones(length, dtype=torch.bool, device=device)
+    num_evictable = int(evictable.sum())
+    paper_evictable = (kept_mask & evictable).sum(dim=1)  # k_h
+    kept_evictable = min(_round_up(int(paper_evictable.max()), keep_multiple), num_evictable)
+    kept_mask |= ~evictable
+    if kept_evictable == num_evictable:
+        kept_mask |= evictable
+    elif (paper_evictable < kept_evictable).any():
+        if rank is None:
+            rank = selector.rank(scores, num_heads, length).to(device)
+        _keep_best(kept_mask, rank, evictable, kept_evictable - paper_evictable)
     return Selection(
         kept_mask=kept_mask,
-        num_kept=length - num_candidates + num_selected,
+        num_kept=length - num_evictable + kept_evictable,
         num_kept_evictable=kept_evictable,
     )
