@@ -140,6 +140,37 @@ def test_matches_float64_reference(hq, hkv, d, length, lq, query_start, dtype):
     torch.testing.assert_close(lse.double().cpu(), expected_lse, rtol=1e-5, atol=1e-5)
 
 
+def _block_configs():
+    """The autotuner's configs on a GPU; small, differently shaped tiles in the interpreter."""
+    if DEVICE == "cuda":
+        pairs = zip(triton_scoring._query_lse_tuned.configs,
+                    triton_scoring._key_colsum_tuned.configs)  # fmt: skip
+        return [pytest.param(a, b, id=f"cfg{i}") for i, (a, b) in enumerate(pairs)]
+    if DEVICE is None:
+        return [pytest.param(None, None, id="no-kernels")]
+    config = triton_scoring.triton.Config
+    return [
+        pytest.param(config({"BLOCK_M": m, "BLOCK_N": n}), config({"BLOCK_M": n, "BLOCK_N": m}),
+                     id=f"m{m}-n{n}")
+        for m, n in [(16, 32), (64, 16), (16, 16)]
+    ]
+
+
+@needs_kernels
+@pytest.mark.parametrize("lse_config,colsum_config", _block_configs())
+def test_every_block_config(lse_config, colsum_config, monkeypatch):
+    monkeypatch.setitem(triton_scoring._FORCED_CONFIGS, "query_lse", lse_config)
+    monkeypatch.setitem(triton_scoring._FORCED_CONFIGS, "key_colsum", colsum_config)
+    length = 300 if DEVICE == "cuda" else 83
+    queries, keys = make_qk(4, 2, 128 if DEVICE == "cuda" else 64, length, length,
+                            torch.bfloat16, seed=6)  # fmt: skip
+    for lq, query_start in [(length, 0), (length // 2, length // 3), (5, length - 5)]:
+        q = queries[:, query_start : query_start + lq]
+        scores = triton_scoring.triton_accumulated_attention(q, keys, query_start)
+        expected, _ = reference_scores(q, keys, query_start)
+        torch.testing.assert_close(scores.double().cpu(), expected, rtol=2e-5, atol=2e-6)
+
+
 @needs_kernels
 @pytest.mark.skipif(accumulated_attention is None, reason="lookm_vllm.core not available")
 def test_matches_core_accumulated_attention():

@@ -28,7 +28,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from .triton_scoring import quick_bench
+    from .triton_scoring import launch, quick_bench
 
 __all__ = ["triton_cosine_argmax"]
 
@@ -179,10 +179,6 @@ def triton_cosine_argmax(
             "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
             "DOT_PRECISION": "tf32x3" if kept_keys.dtype == torch.float32 else "tf32",
         }
-        if interpreted:
-            grid = (triton.cdiv(num_evicted, 32), num_heads)
-            _cosine_argmax_kernel[grid](*args, **meta, BLOCK_E=32, BLOCK_K=16)
-        else:
-            grid = lambda m: (triton.cdiv(num_evicted, m["BLOCK_E"]), num_heads)
-            _cosine_argmax_tuned[grid](*args, **meta)
+        launch("cosine_argmax", _cosine_argmax_tuned,
+               lambda m: (triton.cdiv(num_evicted, m["BLOCK_E"]), num_heads), args, meta)
     return best_idx.to(torch.int64), best, torch.isfinite(best)

@@ -198,11 +198,32 @@ if TRITON_AVAILABLE:
         **_AUTOTUNE_KW,
     )(_key_colsum_kernel)
 
-    # Small tiles for the interpreter: several tiles (and both loop kinds) already at L ~ 64.
-    _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}
     _KERNELS_INTERPRETED = type(_query_lse_kernel).__name__ == "InterpretedFunction"
+    # Small tiles for the interpreter: several tiles (and both loop kinds) already at L ~ 64.
+    _INTERPRETER_CONFIGS = {
+        "query_lse": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+        "key_colsum": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+        "cosine_argmax": triton.Config({"BLOCK_E": 32, "BLOCK_K": 16}),
+    }
 else:  # pragma: no cover - depends on the environment
     _KERNELS_INTERPRETED = False
+
+# Kernel name -> triton.Config that replaces autotuning (tests run every config this way).
+_FORCED_CONFIGS: dict = {}
+
+
+def launch(name: str, tuned, grid, args: tuple, meta: dict) -> None:
+    """Run an autotuned kernel, or its plain kernel with a forced / the interpreter's config.
+
+    ``grid`` maps the block sizes of a config to the launch grid.
+    """
+    config = _FORCED_CONFIGS.get(name)
+    if config is None and _KERNELS_INTERPRETED:
+        config = _INTERPRETER_CONFIGS[name]
+    if config is None:
+        tuned[grid](*args, **meta)
+    else:
+        tuned.fn[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
 
 
 def interpreter_active() -> bool:
@@ -317,12 +338,8 @@ def _query_lse_log2(queries: Tensor, keys: Tensor, query_start: int, kw: dict) -
         "BLOCK_D": kw["BLOCK_D"],
         "DOT_PRECISION": kw["DOT_PRECISION"],
     }
-    if _KERNELS_INTERPRETED:
-        grid = (triton.cdiv(num_queries, _INTERPRETER_BLOCKS["BLOCK_M"]) * num_q_heads,)
-        _query_lse_kernel[grid](*args, **meta, **_INTERPRETER_BLOCKS)
-    else:
-        grid = lambda m: (triton.cdiv(num_queries, m["BLOCK_M"]) * num_q_heads,)
-        _query_lse_tuned[grid](*args, **meta)
+    launch("query_lse", _query_lse_tuned,
+           lambda m: (triton.cdiv(num_queries, m["BLOCK_M"]) * num_q_heads,), args, meta)
     return lse
 
 
@@ -422,10 +439,6 @@ def triton_accumulated_attention(
         "BLOCK_D": kw["BLOCK_D"],
         "DOT_PRECISION": kw["DOT_PRECISION"],
     }
-    if _KERNELS_INTERPRETED:
-        grid = (triton.cdiv(num_keys, _INTERPRETER_BLOCKS["BLOCK_N"]) * num_kv_heads,)
-        _key_colsum_kernel[grid](*args, **meta, **_INTERPRETER_BLOCKS)
-    else:
-        grid = lambda m: (triton.cdiv(num_keys, m["BLOCK_N"]) * num_kv_heads,)
-        _key_colsum_tuned[grid](*args, **meta)
+    launch("key_colsum", _key_colsum_tuned,
+           lambda m: (triton.cdiv(num_keys, m["BLOCK_N"]) * num_kv_heads,), args, meta)
     return out
