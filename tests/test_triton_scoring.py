@@ -302,7 +302,7 @@ def compile_for(kernel, tuned, arch, dtype, constexprs):
 
 VARIANTS = ((90, "bf16", 128, 4), (90, "fp16", 80, 1), (80, "bf16", 128, 4))
 for arch, dtype, head_dim, group in VARIANTS:
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    block_d = triton_scoring.block_d(head_dim)
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION="tf32")
     compile_for(triton_scoring._query_lse_kernel, triton_scoring._query_lse_tuned, arch,
                 dtype, dict(NUM_Q_HEADS=32, **common))

@@ -17,12 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_scoring import (
-    SUPPORTED_DTYPES,
-    TRITON_AVAILABLE,
-    cuda_kernels_usable,
-    interpreter_active,
-)
+from .triton_scoring import TRITON_AVAILABLE, block_d, kernel_inputs
 
 if TRITON_AVAILABLE:
     import triton
@@ -135,21 +130,7 @@ def triton_cosine_argmax(
         )
     if kept_keys.dtype != evicted_keys.dtype or kept_keys.device != evicted_keys.device:
         raise ValueError("kept_keys and evicted_keys must share dtype and device")
-    interpreted = interpreter_active() and kept_keys.device.type == "cpu"
-    runnable = cuda_kernels_usable(kept_keys) or interpreted
-    if not runnable or kept_keys.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(
-            f"Triton merge kernel cannot run on {kept_keys.dtype} tensors on {kept_keys.device} "
-            "(needs Triton and a CUDA device of compute capability >= 8.0, or CPU tensors with "
-            "TRITON_INTERPRET=1)"
-        )
-    if interpreted and kept_keys.dtype == torch.bfloat16:
-        # The interpreter has no bfloat16 arithmetic (triton-lang/triton#11584); exact in float32.
-        kept_keys, evicted_keys = kept_keys.float(), evicted_keys.float()
-    if kept_keys.stride(-1) != 1:
-        kept_keys = kept_keys.contiguous()
-    if evicted_keys.stride(-1) != 1:
-        evicted_keys = evicted_keys.contiguous()
+    kept_keys, evicted_keys = kernel_inputs(kept_keys, evicted_keys)
 
     num_heads, num_evicted, head_dim = evicted_keys.shape
     device = kept_keys.device
@@ -176,7 +157,7 @@ def triton_cosine_argmax(
         meta = {
             "HAS_GROUPS": has_groups,
             "HEAD_DIM": head_dim,
-            "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+            "BLOCK_D": block_d(head_dim),
             "DOT_PRECISION": "tf32x3" if kept_keys.dtype == torch.float32 else "tf32",
         }
         launch("cosine_argmax", _cosine_argmax_tuned,

@@ -20,8 +20,8 @@ pairs ~= Lq * L - Lq^2 / 2 (L^2 / 2 for full scoring), so the two passes execute
 
 Importing this module never needs a GPU nor Triton: ``TRITON_AVAILABLE`` says whether the kernels
 exist and :func:`cuda_kernels_usable` whether a tensor can be handed to them. With
-``TRITON_INTERPRET=1`` set before the first import, the kernels run on CPU tensors through
-Triton's interpreter (slow; used by the CPU tests).
+``TRITON_INTERPRET=1`` set before Triton is first imported (and at launch), the kernels run on CPU
+tensors through Triton's interpreter (slow; used by the CPU tests).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import Tensor
 try:  # Triton is optional: CPU installs and CI run without it.
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
@@ -52,8 +53,9 @@ LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def block_d(head_dim: int) -> int:
+    """head_dim padded to a power of two (>= 16, tl.dot's minimum); the pad is masked."""
+    return max(16, 1 << max(0, (head_dim - 1).bit_length()))
 
 
 if TRITON_AVAILABLE:
@@ -253,17 +255,26 @@ def cuda_kernels_usable(tensor: Tensor) -> bool:
     return torch.cuda.get_device_capability(tensor.device)[0] >= 8
 
 
-def _check_runnable(tensor: Tensor) -> None:
-    if cuda_kernels_usable(tensor):
-        return
-    if _KERNELS_INTERPRETED and tensor.device.type == "cpu" and tensor.dtype in SUPPORTED_DTYPES:
-        return
-    raise RuntimeError(
-        "Triton scoring kernels cannot run here: need Triton and a CUDA device of compute "
-        "capability >= 8.0 with float16/bfloat16/float32 tensors (or CPU tensors with "
-        f"TRITON_INTERPRET=1 set before import); got {tensor.dtype} on {tensor.device}, "
-        f"TRITON_AVAILABLE={TRITON_AVAILABLE}"
+def kernel_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Check that the kernels can run on ``tensors`` (one dtype and device) and prepare them."""
+    first = tensors[0]
+    interpreted = (
+        _KERNELS_INTERPRETED and first.device.type == "cpu" and first.dtype in SUPPORTED_DTYPES
     )
+    if not (cuda_kernels_usable(first) or interpreted):
+        raise RuntimeError(
+            "Triton kernels cannot run here: need Triton and a CUDA device of compute "
+            "capability >= 8.0 with float16/bfloat16/float32 tensors (or CPU tensors with "
+            f"TRITON_INTERPRET=1 set before Triton's import); got {first.dtype} on "
+            f"{first.device}, TRITON_AVAILABLE={TRITON_AVAILABLE}"
+        )
+    if interpreted and first.dtype == torch.bfloat16:
+        # Triton's interpreter has no bfloat16 arithmetic (its tl.dot multiplies the uint16 bit
+        # patterns, triton-lang/triton#11584); float32 holds every bfloat16 value exactly.
+        tensors = tuple(t.float() for t in tensors)
+    # Rows may be strided (e.g. a [tokens, heads, d] buffer viewed as [heads, tokens, d]); only
+    # the head_dim axis must be contiguous.
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
 def _validate(queries: Tensor, keys: Tensor, query_start: int | None) -> tuple[int, Tensor, Tensor]:
@@ -290,17 +301,7 @@ def _validate(queries: Tensor, keys: Tensor, query_start: int | None) -> tuple[i
             f"queries at positions [{query_start}, {query_start + num_queries}) need keys up to "
             f"there, got {num_keys} keys"
         )
-    _check_runnable(queries)
-    if _KERNELS_INTERPRETED and queries.dtype == torch.bfloat16:
-        # Triton's interpreter has no bfloat16 arithmetic (its tl.dot multiplies the uint16 bit
-        # patterns, triton-lang/triton#11584); float32 holds every bfloat16 value exactly.
-        queries, keys = queries.float(), keys.float()
-    # Rows may be strided (e.g. a [tokens, heads, d] buffer viewed as [heads, tokens, d]); only
-    # the head_dim axis must be contiguous.
-    if queries.stride(-1) != 1:
-        queries = queries.contiguous()
-    if keys.stride(-1) != 1:
-        keys = keys.contiguous()
+    queries, keys = kernel_inputs(queries, keys)
     return query_start, queries, keys
 
 
@@ -314,7 +315,7 @@ def _launch_kwargs(queries: Tensor, scale: float | None) -> dict:
     return {
         "qk_scale": scale * LOG2E,
         "HEAD_DIM": head_dim,
-        "BLOCK_D": max(16, _next_power_of_2(head_dim)),
+        "BLOCK_D": block_d(head_dim),
         # Tensor cores would round float32 inputs to tf32 (10-bit mantissa): keep them exact.
         "DOT_PRECISION": "ieee" if queries.dtype == torch.float32 else "tf32",
         "shape_class": _shape_class(queries.shape[1]),
