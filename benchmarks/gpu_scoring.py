@@ -792,48 +792,59 @@ def section_timings(recorder, record: dict, plan: dict, length: int, args, model
 
 
 def print_table(results: dict) -> None:
+    """One column per prompt length: ms for 32 layers, throughput, ratios to the prefill."""
+    timings = {k: v for k, v in results["sections"].items() if k.startswith("timings_L")}
+    names = sorted(timings, key=lambda k: timings[k].get("length", 0))
+    x32 = f"x{NUM_LAYERS}_ms"
     rows = [
-        ("triton full scoring", "triton_full"),
-        ("  pass 1 (lse)", "triton_pass1_lse"),
-        ("  pass 2 given lse", "triton_pass2_given_lse"),
-        ("torch full scoring (core)", "torch_full"),
-        ("triton window W=32", "triton_window"),
-        ("torch window W=32 (core)", "torch_window"),
-        ("compress, no merge", "compress_none_torch"),
+        ("triton full scoring", lambda t: t.get("triton_full", {}).get(x32), ".1f"),
+        ("  pass 1 (lse)", lambda t: t.get("triton_pass1_lse", {}).get(x32), ".1f"),
+        ("  pass 2 given lse", lambda t: t.get("triton_pass2_given_lse", {}).get(x32), ".1f"),
+        ("torch full scoring (core)", lambda t: t.get("torch_full", {}).get(x32), ".1f"),
+        ("triton window W=32", lambda t: t.get("triton_window", {}).get(x32), ".1f"),
+        ("torch window W=32 (core)", lambda t: t.get("torch_window", {}).get(x32), ".1f"),
+        ("compress, selection only", lambda t: t.get("compress_none_torch", {}).get(x32), ".1f"),
     ]
     for merge in MERGES:
-        rows += [(f"compress {merge} (torch)", f"compress_{merge}_torch"),
-                 (f"compress {merge} (fused)", f"compress_{merge}_fused")]
-    timings = {k: v for k, v in results["sections"].items() if k.startswith("timings_L")}
-    if not timings:
-        return
-    names = sorted(timings, key=lambda k: timings[k].get("length", 0))
-    width = 30
-    print("\nms for 32 layers (one layer x32)   " + "".join(f"{n[8:]:>14}" for n in names))
-    for label, key in rows:
-        cells = []
-        for n in names:
-            entry = timings[n].get(key)
-            cells.append(f"{entry[f'x{NUM_LAYERS}_ms']:14.1f}" if entry else f"{'-':>14}")
-        print(f"{label:<{width}}     " + "".join(cells))
-    cells = []
-    for n in names:
-        prefill = timings[n].get("prefill_ms_32_layers")
-        cells.append(f"{prefill:14.1f}" if prefill else f"{'-':>14}")
-    print(f"{'prefill, 32 layers, SDPA':<{width}}     " + "".join(cells))
-    cells = []
-    for n in names:
-        entry = timings[n].get("triton_full")
-        cells.append(f"{entry['tflops']:14.0f}" if entry else f"{'-':>14}")
-    print(f"{'triton full TFLOP/s (executed)':<{width}}     " + "".join(cells))
-    for ratio in ("triton_full_plus_pivotal_fused_over_prefill",
-                  "triton_full_plus_pivotal_torch_over_prefill",
-                  "torch_full_plus_pivotal_torch_over_prefill", "triton_window_over_prefill"):
-        cells = []
-        for n in names:
-            value = timings[n].get("ratios", {}).get(ratio)
-            cells.append(f"{value:14.3f}" if value is not None else f"{'-':>14}")
-        print(f"{ratio[:width]:<{width}}     " + "".join(cells))
+        for variant in ("torch", "fused"):
+            key = f"compress_{merge}_{variant}"
+            rows.append((f"compress {merge} ({variant} assign)",
+                         lambda t, key=key: t.get(key, {}).get(x32), ".1f"))  # fmt: skip
+    rows += [
+        ("prefill, 32 layers, SDPA flash", lambda t: t.get("prefill_ms_32_layers"), ".1f"),
+        ("triton full, TFLOP/s executed", lambda t: t.get("triton_full", {}).get("tflops"), ".0f"),
+    ]
+    for label, ratio in [
+        ("(triton full + pivotal fused)/prefill", "triton_full_plus_pivotal_fused_over_prefill"),
+        ("(triton full + pivotal torch)/prefill", "triton_full_plus_pivotal_torch_over_prefill"),
+        ("(torch full + pivotal torch)/prefill", "torch_full_plus_pivotal_torch_over_prefill"),
+        ("(pass 2 only + pivotal fused)/prefill", "triton_pass2_plus_pivotal_fused_over_prefill"),
+        ("triton window / prefill", "triton_window_over_prefill"),
+    ]:
+        rows.append((label, lambda t, ratio=ratio: t.get("ratios", {}).get(ratio), ".3f"))
+
+    print(f"\n{'ms for 32 layers (one layer x32)':<40}" + "".join(f"{n[8:]:>12}" for n in names))
+    for label, get, fmt in rows:
+        values = [get(timings[n]) for n in names]
+        print(f"{label:<40}" + "".join(
+            f"{v:>12{fmt}}" if v is not None else f"{'-':>12}" for v in values
+        ))  # fmt: skip
+    print("\ncorrectness (Triton vs float64):")
+    for name, stats in results["sections"].get("correctness", {}).items():
+        if isinstance(stats, dict) and "max_rel" in stats:
+            print(f"  {name:<28} max abs {stats['max_abs']:.2e}  max rel {stats['max_rel']:.2e}")
+    for section, record in results["sections"].items():
+        if not section.startswith("kept_sets_L"):
+            continue
+        for key, value in record.items():
+            if key.endswith("_vs_float64"):
+                print(f"  {section[10:]} {key:<40} identical={value['identical']} "
+                      f"differing positions={value['positions_differing']}")
+            elif key.endswith("_merge_assignment"):
+                print(f"  {section[10:]} {key:<40} targets vs core: "
+                      f"{value['target_agreement']:.6f}, vs float64: "
+                      f"{value['triton_vs_float64_agreement']:.6f} (core float32: "
+                      f"{value['core_float32_vs_float64_agreement']:.6f})")
     if results["errors"]:
         print("\nERRORS: " + json.dumps(results["errors"], indent=2))
 
