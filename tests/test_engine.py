@@ -66,18 +66,21 @@ def stock_spec(requests):
 
 
 def expected_holes(prompt_ids: list[int], image_token: int, config: dict, block: int) -> int:
-    """Blocks LOOK-M frees, computed from the paper's budget rules without the plugin's plan."""
+    """Blocks LOOK-M frees, from the paper's budget and the documented whole-block rule
+    (lookm_vllm.core.selection), computed here without the plugin's plan."""
     cfg = CompressionConfig.parse(config)
     length = len(prompt_ids)
     recent = int(cfg.recent_ratio * length)
     important = int(cfg.budget * length) - recent
     image = [t == image_token for t in prompt_ids]
     old = length - recent
+    selected = max(0, important - sum(1 for j in range(old) if not image[j]))  # text kept
+    candidates = sum(image[:old])
     evictable = [b for b in range(old // block) if all(image[b * block:(b + 1) * block])]
-    forced = old - len(evictable) * block          # text + image tokens outside whole blocks
-    kept_evictable = max(important - forced, 0)
-    kept_blocks = -(-kept_evictable // block)
-    return len(evictable) - min(kept_blocks, len(evictable))
+    n_evictable = len(evictable) * block
+    share = -(-selected * n_evictable // candidates) if candidates else 0
+    kept = min(-(-share // block) * block, n_evictable)
+    return len(evictable) - kept // block
 
 
 def image_token_id(path: str) -> int:

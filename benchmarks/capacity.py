@@ -1,0 +1,350 @@
+"""Capacity and throughput of LOOK-M against stock vLLM, through the real HTTP server.
+
+One run, three arms on the same workload and the same KV pool (vLLM-CPU, tiny LLaVA fixture):
+stock vLLM (no plugin option), LOOK-M budget 0.2 and LOOK-M budget 0.1. The pool is sized so
+that stock vLLM can hold at most ``--stock-concurrency`` (8) whole requests at once; it is part
+of the workload, not a knob. Requests go concurrently through vLLM's OpenAI server with an async
+client (streaming, to time TTFT/TPOT); /metrics is sampled while they run.
+
+    python -m benchmarks.capacity                 # full run (minutes), writes results/capacity.*
+    python -m benchmarks.capacity --quick         # seconds-scale smoke run (used by the tests)
+
+Also prints a projection for a GPU node (LLaVA-1.5-7B shapes) from the measured kept fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lookm_vllm.testing.server_process import ServerProcess, free_port, vllm_api_server_cmd
+
+ARMS = (("stock", None), ("lookm-0.2", 0.2), ("lookm-0.1", 0.1))
+SAMPLED = ("vllm:num_requests_running", "vllm:num_requests_waiting",
+           "vllm:kv_cache_usage_perc", "vllm:num_preemptions")
+
+
+@dataclass
+class Workload:
+    num_requests: int = 48
+    images_per_request: int = 8
+    image_tokens: int = 576
+    max_tokens: int = 64
+    stock_concurrency: int = 8
+    block_size: int = 32
+    question: str = "Describe what these pictures have in common."
+
+
+def quick_workload() -> Workload:
+    return Workload(num_requests=8, images_per_request=2, image_tokens=144, max_tokens=8,
+                    stock_concurrency=2)
+
+
+@dataclass
+class ArmResult:
+    name: str
+    budget: float | None
+    requests: int = 0
+    duration_s: float = 0.0
+    output_tokens: int = 0
+    output_tokens_per_s: float = 0.0
+    requests_per_s: float = 0.0
+    peak_running: float = 0.0
+    mean_running: float = 0.0
+    preemptions: float = 0.0
+    peak_kv_blocks_in_use: float = 0.0
+    mean_kv_blocks_in_use: float = 0.0
+    ttft_s: dict = field(default_factory=dict)
+    tpot_s: dict = field(default_factory=dict)
+    kv_tokens_kept_fraction: float | None = None
+    kv_blocks_freed_per_request: float | None = None
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
+            "mean": statistics.fmean(ordered)}
+
+
+def model_and_pool(work: Workload):
+    """Build the model; size the pool from the measured prompt length (HF processor)."""
+    from transformers import AutoProcessor
+
+    from lookm_vllm.testing.images import test_images
+    from lookm_vllm.testing.tiny_models import build_tiny_llava, chat_prompt
+
+    path = build_tiny_llava(work.image_tokens)
+    processor = AutoProcessor.from_pretrained(str(path))
+    prompt = chat_prompt(processor, work.question, work.images_per_request)
+    prompt_len = processor(text=prompt, images=test_images(work.images_per_request),
+                           return_tensors="pt")["input_ids"].shape[1]
+    config = json.loads((Path(path) / "config.json").read_text())["text_config"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    bytes_per_block = (config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim
+                       * 4 * work.block_size)
+    blocks_per_request = math.ceil((prompt_len + work.max_tokens) / work.block_size)
+    pool_blocks = work.stock_concurrency * blocks_per_request
+    return path, prompt_len, blocks_per_request, pool_blocks, pool_blocks * bytes_per_block
+
+
+def server_cmd(path, work: Workload, pool_bytes: int, max_model_len: int, port: int,
+               lookm: bool) -> list[str]:
+    from lookm_vllm.testing.tiny_models import vllm_server_args
+    from lookm_vllm.vllm_adapter.options import engine_cli_args
+
+    args = vllm_server_args(path, max_images=work.images_per_request, max_model_len=max_model_len,
+                            block_size=work.block_size, kv_cache_gib=pool_bytes / (1 << 30))
+    args += ["--port", str(port), "--max-num-seqs", "256", "--disable-uvicorn-access-log"]
+    if lookm:
+        args += engine_cli_args()
+    return vllm_api_server_cmd(args)
+
+
+def image_urls(work: Workload) -> list[str]:
+    from lookm_vllm.testing.images import image_to_data_url, test_images
+
+    return [image_to_data_url(img, "JPEG") for img in test_images(64)]
+
+
+def request_body(work: Workload, urls: list[str], index: int, model: str,
+                 budget: float | None, stream: bool) -> dict:
+    start = (index * 3) % (len(urls) - work.images_per_request)
+    content = [{"type": "image_url", "image_url": {"url": u}}
+               for u in urls[start:start + work.images_per_request]]
+    content.append({"type": "text", "text": work.question})
+    body = {"model": model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": work.max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if budget is not None:
+        body["vllm_xargs"] = {"kv_compression": json.dumps({"method": "lookm",
+                                                             "budget": budget})}
+    return body
+
+
+async def sample_metrics(client, url: str, samples: list[dict], stop: asyncio.Event) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    while not stop.is_set():
+        try:
+            text = (await client.get(url + "/metrics")).text
+            sample = {"t": time.monotonic()}
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if s.name in SAMPLED or s.name.removesuffix("_total") in SAMPLED:
+                        sample[s.name.removesuffix("_total")] = s.value
+            samples.append(sample)
+        except Exception:  # a missed sample is not a failed benchmark
+            pass
+        await asyncio.sleep(0.1)
+
+
+async def run_arm(url: str, work: Workload, urls: list[str], name: str, budget: float | None,
+                  pool_blocks: int) -> ArmResult:
+    import httpx
+
+    result = ArmResult(name, budget)
+    async with httpx.AsyncClient(timeout=None) as client:
+        model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+        # one non-streamed request first: the engine's own compression stats for this workload
+        probe = (await client.post(url + "/v1/chat/completions",
+                                   json=request_body(work, urls, 0, model, budget, False))).json()
+        stats = (probe.get("kv_transfer_params") or {}).get("kv_compression")
+        if stats:
+            result.kv_tokens_kept_fraction = stats["kv_tokens_kept"] / stats["prompt_tokens"]
+            result.kv_blocks_freed_per_request = stats["kv_blocks_freed"]
+        samples: list[dict] = []
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_metrics(client, url, samples, stop))
+        ttft, tpot, tokens = [], [], 0
+        bar = tqdm(total=work.num_requests, desc=f"{name:>10}", unit="req")
+
+        async def one(i: int) -> None:
+            nonlocal tokens
+            t0 = time.monotonic()
+            first = last = None
+            n_out = 0
+            async with client.stream("POST", url + "/v1/chat/completions",
+                                     json=request_body(work, urls, i, model, budget,
+                                                       True)) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                        last = time.monotonic()
+                        first = first or last
+                    if chunk.get("usage"):
+                        n_out = chunk["usage"]["completion_tokens"]
+            tokens += n_out
+            if first is not None:
+                ttft.append(first - t0)
+                if n_out > 1:
+                    tpot.append((last - first) / (n_out - 1))
+            bar.update()
+
+        start = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(work.num_requests)))
+        result.duration_s = time.monotonic() - start
+        bar.close()
+        stop.set()
+        await sampler
+    running = [s.get("vllm:num_requests_running", 0.0) for s in samples]
+    usage = [s.get("vllm:kv_cache_usage_perc", 0.0) for s in samples]
+    result.requests = work.num_requests
+    result.output_tokens = tokens
+    result.output_tokens_per_s = tokens / result.duration_s
+    result.requests_per_s = work.num_requests / result.duration_s
+    result.peak_running = max(running, default=0.0)
+    result.mean_running = statistics.fmean(running) if running else 0.0
+    result.preemptions = samples[-1].get("vllm:num_preemptions", 0.0) if samples else 0.0
+    result.peak_kv_blocks_in_use = max(usage, default=0.0) * pool_blocks
+    result.mean_kv_blocks_in_use = (statistics.fmean(usage) if usage else 0.0) * pool_blocks
+    result.ttft_s, result.tpot_s = percentiles(ttft), percentiles(tpot)
+    return result
+
+
+def gpu_projection(work: Workload, prompt_len: int, kept_fraction: dict[str, float]) -> list[dict]:
+    """Paper projection for LLaVA-1.5-7B on one GPU from the measured kept fraction.
+
+    KV per token = 32 layers x 2 x 32 heads x 128 x 2 bytes (fp16) = 512 KiB. Decode step time
+    = (weights + batch x KV bytes per request) / HBM bandwidth (memory-bound decode). Batch =
+    what fits in the memory left after the weights (capped by max_num_seqs 256).
+    """
+    kv_per_token = 32 * 2 * 32 * 128 * 2
+    weights = 7.06e9 * 2
+    rows = []
+    for gpu, mem_gb, bw in (("A100/H100 80GB", 80e9, 3.35e12), ("H200 141GB", 141e9, 4.8e12),
+                            ("H200 141GB (measured copy rate)", 141e9, 4.26e12)):
+        free = mem_gb * 0.9 - weights
+        base = None
+        for arm, frac in kept_fraction.items():
+            kv_req = (prompt_len * frac + work.max_tokens) * kv_per_token
+            batch = min(256, int(free // kv_req))
+            step = (weights + batch * kv_req) / bw
+            row = {"gpu": gpu, "arm": arm, "kept_fraction": frac,
+                   "kv_gib_per_request": kv_req / (1 << 30), "max_batch": batch,
+                   "decode_step_ms": step * 1e3, "tokens_per_s": batch / step}
+            base = base or row
+            row["concurrency_ratio"] = batch / base["max_batch"]
+            row["throughput_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
+            rows.append(row)
+    return rows
+
+
+def plot(results: list[ArmResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].bar(names, [r.output_tokens_per_s for r in results], color="tab:blue")
+    axes[0].set_ylabel("output tokens / s")
+    axes[1].bar(names, [r.peak_running for r in results], color="tab:orange", label="peak")
+    axes[1].bar(names, [r.mean_running for r in results], color="tab:green", label="mean",
+                width=0.4)
+    axes[1].set_ylabel("running requests")
+    axes[1].legend()
+    fig.suptitle("LOOK-M vs stock vLLM (same KV pool, vLLM-CPU, tiny LLaVA)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny workload for the test suite")
+    parser.add_argument("--num-requests", type=int)
+    parser.add_argument("--out", default="results/capacity.json")
+    args = parser.parse_args(argv)
+    work = quick_workload() if args.quick else Workload()
+    if args.num_requests:
+        work.num_requests = args.num_requests
+    path, prompt_len, blocks_per_request, pool_blocks, pool_bytes = model_and_pool(work)
+    print(f"workload: {work.num_requests} requests x {work.images_per_request} images x "
+          f"{work.image_tokens} tokens, prompt {prompt_len} tokens, {work.max_tokens} output "
+          f"tokens; KV pool {pool_blocks} blocks of {work.block_size} "
+          f"(= {work.stock_concurrency} stock requests of {blocks_per_request} blocks), "
+          f"{pool_bytes / (1 << 20):.1f} MiB")
+    urls = image_urls(work)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[ArmResult] = []
+    servers = {False: None, True: None}
+    for name, budget in ARMS:
+        lookm = budget is not None
+        if servers[lookm] is None:
+            for s in servers.values():
+                if s is not None:
+                    s.stop()
+            port = free_port()
+            cmd = server_cmd(path, work, pool_bytes, blocks_per_request * work.block_size, port,
+                             lookm)
+            servers[lookm] = ServerProcess(cmd, port,
+                                           log_path=out.with_suffix(f".{port}.log")).start()
+        results.append(asyncio.run(run_arm(servers[lookm].url, work, urls, name, budget,
+                                           pool_blocks)))
+    for s in servers.values():
+        if s is not None:
+            s.stop()
+
+    stock = results[0]
+    ratios = {r.name: {"running_peak": r.peak_running / max(stock.peak_running, 1e-9),
+                       "running_mean": r.mean_running / max(stock.mean_running, 1e-9),
+                       "output_tokens_per_s": r.output_tokens_per_s / stock.output_tokens_per_s,
+                       "requests_per_s": r.requests_per_s / stock.requests_per_s}
+              for r in results}
+    kept = {"stock": 1.0}
+    kept.update({r.name: r.kv_tokens_kept_fraction for r in results[1:]
+                 if r.kv_tokens_kept_fraction is not None})
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpus": __import__("os").cpu_count()},
+              "workload": asdict(work), "prompt_tokens": prompt_len,
+              "pool_blocks": pool_blocks, "pool_bytes": pool_bytes,
+              "blocks_per_stock_request": blocks_per_request,
+              "arms": [asdict(r) for r in results], "ratios_to_stock": ratios,
+              "gpu_projection": gpu_projection(work, prompt_len, kept)}
+    out.write_text(json.dumps(report, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print_report(report)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return report
+
+
+def print_report(report: dict) -> None:
+    print(f"\n{'arm':>10} {'peak run':>8} {'mean run':>8} {'preempt':>7} {'out tok/s':>9} "
+          f"{'req/s':>6} {'TTFT p50':>8} {'TPOT p50':>8} {'kept':>5}")
+    for arm in report["arms"]:
+        kept = arm["kv_tokens_kept_fraction"]
+        print(f"{arm['name']:>10} {arm['peak_running']:8.0f} {arm['mean_running']:8.1f} "
+              f"{arm['preemptions']:7.0f} {arm['output_tokens_per_s']:9.1f} "
+              f"{arm['requests_per_s']:6.2f} {arm['ttft_s'].get('p50', 0):8.2f} "
+              f"{arm['tpot_s'].get('p50', 0) * 1e3:6.1f}ms {kept if kept is None else round(kept, 3)!s:>5}")
+    print("\nratios to stock:", json.dumps(report["ratios_to_stock"], indent=1))
+    print("\nGPU projection (LLaVA-1.5-7B, fp16 KV):")
+    for row in report["gpu_projection"]:
+        print(f"  {row['gpu']:<32} {row['arm']:>10} kept {row['kept_fraction']:.2f}  batch "
+              f"{row['max_batch']:4d}  step {row['decode_step_ms']:6.1f} ms  "
+              f"x{row['concurrency_ratio']:.2f} concurrency  x{row['throughput_ratio']:.2f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
