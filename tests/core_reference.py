@@ -87,36 +87,49 @@ def reference_kept_engine(method, scores, is_image, budget, recent_ratio, evicta
                           keep_multiple, seed=0, sink_tokens=4):
     """Kept positions per head under the documented evictable / keep_multiple rule.
 
-    The paper's kept set per head (``evictable`` ignored), then: every non-evictable position,
-    and in every head the same number k of evictable positions, k being the largest per-head count
-    of evictable positions the paper keeps, rounded up to a multiple of ``keep_multiple`` and
-    capped at the number of evictable positions; each head tops up with its best-ranked evictable
-    positions not yet kept.
+    Protected: the last m positions and, for LOOK-M, every text token; candidates: the rest. The
+    paper keeps s = max(0, n - protected older) candidates per head. Here every non-evictable
+    position is kept, and every head keeps the same number k of evictable positions: its
+    protected evictable ones plus its best-ranked evictable candidates, with
+    k = min(round_up(protected evictable + ceil(s * evictable candidates / candidates),
+    keep_multiple), evictable). k is computed from the layout alone.
     """
     num_heads, length = scores.shape
-    paper = reference_kept_paper(method, scores, is_image, budget, recent_ratio, seed,
-                                 sink_tokens)
-    counts = []
-    for head in range(num_heads):
-        count = 0
-        for j in paper[head]:
-            if evictable[j]:
-                count += 1
-        counts.append(count)
-    num_evictable = sum(1 for j in range(length) if evictable[j])
-    k = max(counts)
+    m = int(recent_ratio * length)
+    n = int(budget * length) - m
+    protected = []
+    for j in range(length):
+        protected.append(j >= length - m or (method == "lookm" and not is_image[j]))
+    protected_older = 0
+    for j in range(length - m):
+        if protected[j]:
+            protected_older += 1
+    s = max(0, n - protected_older)
+    candidates = [j for j in range(length) if not protected[j]]
+    evictable_candidates = [j for j in candidates if evictable[j]]
+    share = 0
+    if candidates:
+        # ceil(s * evictable candidates / candidates), in integers.
+        share = (s * len(evictable_candidates) + len(candidates) - 1) // len(candidates)
+    protected_evictable = 0
+    num_evictable = 0
+    for j in range(length):
+        if evictable[j]:
+            num_evictable += 1
+            if protected[j]:
+                protected_evictable += 1
+    k = protected_evictable + share
     while k % keep_multiple:
         k += 1
     k = min(k, num_evictable)
     kept = []
     for head in range(num_heads):
-        chosen = set(paper[head])
+        chosen = set()
         for j in range(length):
-            if not evictable[j]:
+            if protected[j] or not evictable[j]:
                 chosen.add(j)
         rank = _method_rank(method, scores, head, length, seed, sink_tokens)
-        missing = [j for j in range(length) if evictable[j] and j not in chosen]
-        chosen |= set(_top(missing, rank, k - counts[head]))
+        chosen |= set(_top(evictable_candidates, rank, k - protected_evictable))
         kept.append(sorted(chosen))
     return kept
 

@@ -134,7 +134,7 @@ def test_window_scoring_end_to_end_matches_reference(method):
     assert_matches_reference(out, keys, values, kept, is_image, config)
 
 
-ENGINE_CASES = list(itertools.product(["lookm", "h2o", "streaming"], [1, 4, 16]))
+ENGINE_CASES = list(itertools.product(METHODS, [1, 4, 16]))
 
 
 @pytest.mark.parametrize("method,keep_multiple", ENGINE_CASES)
@@ -152,6 +152,7 @@ def test_evictable_and_keep_multiple_match_reference(method, keep_multiple,
     evictable = torch.zeros(length, dtype=torch.bool)
     evictable[: length // 16 * 16] = blocks.repeat_interleave(16)
     evictable[length // 2: length // 2 + 3] = False  # and a few scattered pinned positions
+    evictable[-6:] = True  # and evictable positions in the (protected) recent window
     # LOOK-M keeps all text (about 40 % here): only a larger budget makes it rank image tokens.
     budget = 0.6 if method == "lookm" else 0.25
     config = CompressionConfig(method=method, merge="pivotal", budget=budget, recent_ratio=0.1)
@@ -165,3 +166,19 @@ def test_evictable_and_keep_multiple_match_reference(method, keep_multiple,
     targets_ok = None if merge_into_non_evictable else evictable.tolist()
     assert_matches_reference(out, keys, values, kept, is_image, config, targets_ok)
     assert out.compressed
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reference_engine_rule_without_constraints_is_the_paper(method, layout):
+    """The two references agree when everything is evictable and nothing is rounded."""
+    seed = METHODS.index(method) * 10 + LAYOUTS.index(layout)
+    length = 50 + 3 * seed % 40
+    scores = torch.rand(NUM_KV_HEADS, length, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed))
+    is_image = image_mask(layout, length)
+    for budget, recent_ratio in BUDGETS:
+        paper = reference_kept_paper(method, scores, is_image, budget, recent_ratio, seed=seed)
+        engine = reference_kept_engine(method, scores, is_image, budget, recent_ratio,
+                                       [True] * length, 1, seed=seed)
+        assert engine == paper, (budget, recent_ratio)

@@ -87,13 +87,12 @@ def compress(
         Anything :meth:`CompressionConfig.parse` accepts.
     evictable : Tensor, optional
         bool ``[L]`` for engines that evict whole blocks: the positions the engine is able to
-        free. It does not change the paper's selection; False positions are kept on top of it.
-        All positions when not given.
+        free. False positions are always kept; the evictable candidates get their proportional
+        share of the paper's selection. All positions when not given.
     keep_multiple : int
-        Every head keeps the same number ``k`` of evictable positions: the largest per-head count
-        of evictable positions the paper keeps, rounded UP to a multiple of this (e.g. the block
-        size) and capped at the number of evictable positions; heads below ``k`` keep their
-        next-best evictable positions.
+        Every head keeps the same number ``k`` of evictable positions, rounded UP to a multiple
+        of this (e.g. the block size) and capped at the number of evictable positions. ``k``
+        depends on the layout, budget and ``keep_multiple`` only, never on ``scores``.
     merge_into_non_evictable : bool
         If False, evicted tokens merge only into kept *evictable* tokens, so non-evictable entries
         come back bit-identical and an engine need not rewrite their blocks. True (the paper: any
@@ -110,11 +109,14 @@ def compress(
     Budget, per head (see :mod:`lookm_vllm.core.selection`): ``M = int(recent_ratio * L)``,
     ``N = int(budget * L) - M``. Protected positions (the last ``M`` and, for LOOK-M, all text)
     are always kept; the older protected ones use up ``N`` first, and the best remaining
-    candidates fill the rest, so the paper keeps ``max(n_protected_older, N) + M`` per head. With
-    ``evictable`` / ``keep_multiple``, each head keeps a superset of that: every non-evictable
-    position, plus ``k`` evictable ones, where ``k`` is the most evictable positions the paper
-    keeps in any head, rounded up to a multiple of ``keep_multiple`` and capped at the number of
-    evictable positions: ``K = n_non_evictable + k``.
+    candidates fill the rest, so the paper keeps ``max(n_protected_older, N) + M`` per head: its
+    ``S = max(0, N - n_protected_older)`` best candidates (unprotected positions). With
+    ``evictable`` / ``keep_multiple``, each head keeps every non-evictable position and ``k``
+    evictable ones: its ``n_pe`` protected evictable positions plus its best-ranked evictable
+    candidates, ``k = min(round_up(n_pe + ceil(S * n_ev / n_c), keep_multiple), n_evictable)``
+    (``n_c`` candidates, ``n_ev`` of them evictable), so ``K = n_non_evictable + k`` is the same
+    for every head, layer and tensor-parallel rank. All evictable and ``keep_multiple = 1`` give
+    exactly the paper's selection.
     """
     config = CompressionConfig.parse(config)
     num_heads, length, _ = keys.shape

@@ -14,18 +14,30 @@ best of them.
 
    the same count for every head, though which candidates are kept may differ per head.
 
-2. The engine's superset (``evictable`` / ``keep_multiple``, for engines that free whole blocks).
-   ``evictable`` only says which positions the engine is *able* to free; it never changes the
-   paper's preferences. Every non-evictable position is kept. Let ``k_h`` be the number of
-   evictable positions the paper keeps in head ``h`` (protected ones included) and
-   ``k = min(round_up(max_h k_h, keep_multiple), n_evictable)``. Each head keeps exactly ``k``
-   evictable positions: the ``k_h`` the paper keeps, then its ``k - k_h`` best-ranked remaining
-   evictable positions. So each head's kept set contains the paper's, and per head::
+2. The engine's rule (``evictable`` / ``keep_multiple``, for engines that free whole blocks).
+   ``evictable`` says which positions the engine is *able* to free. A paged engine frees blocks
+   shared by every layer and every tensor-parallel rank (each holding a subset of the heads), so
+   how many evictable positions are kept must depend only on the prompt layout, the budget and
+   ``keep_multiple``, never on the scores. Every non-evictable position is kept. With::
+
+       n_c   = #candidates                      (candidates: the unprotected positions)
+       n_ev  = #(candidates & evictable)
+       n_pe  = #(protected & evictable)
+       S     = max(0, N - n_protected_older)    (candidates the paper keeps per head, above)
+       share = ceil(S * n_ev / n_c)             (0 when n_c == 0)
+       k     = min(round_up(n_pe + share, keep_multiple), n_evictable)
+
+   the evictable candidates get their proportional share of the paper's ``S``, and each head keeps
+   its ``n_pe`` protected evictable positions plus its ``k - n_pe`` best-ranked evictable
+   candidates (all of them when that reaches ``n_ev``). So, in every head::
 
        num_kept = n_non_evictable + k,    num_kept_evictable = k
 
-   Without ``evictable`` (all positions evictable) and with ``keep_multiple = 1`` this is exactly
-   the paper's selection. Evicted means not kept; merging is unaffected by this rule.
+   a pure function of ``(L, is_image, evictable, config, keep_multiple)``: the same for every
+   layer, head and rank; only *which* evictable candidates are kept follows the scores. Without
+   ``evictable`` (or with all positions evictable) and with ``keep_multiple = 1``,
+   ``share = S`` and this is exactly the paper's selection. Evicted means not kept; merging is
+   unaffected by this rule.
 """
 
 from __future__ import annotations
@@ -161,20 +173,6 @@ def _round_up(count: int, multiple: int) -> int:
     return -(-count // multiple) * multiple
 
 
-def _keep_best(kept_mask: Tensor, rank: Tensor, allowed: Tensor, counts: Tensor) -> None:
-    """In place: head ``h`` also keeps its ``counts[h]`` best-ranked ``allowed`` unkept positions.
-
-    ``counts[h]`` must not exceed the number of such positions in head ``h``.
-    """
-    most = int(counts.max())
-    if most == 0:
-        return
-    free = allowed & ~kept_mask
-    best = rank.masked_fill(~free, float("-inf")).topk(most, dim=-1, sorted=True).indices
-    take = torch.arange(most, device=kept_mask.device) < counts[:, None]
-    kept_mask |= torch.zeros_like(kept_mask).scatter_(1, best, take)
-
-
 def select_kept(
     selector: Selector,
     scores: Tensor | None,
@@ -199,11 +197,12 @@ def select_kept(
     num_heads : int
         Number of KV heads ``H``.
     evictable : Tensor, optional
-        bool ``[L]``, the positions the engine can free. False positions are always kept (on top
-        of the paper's selection, which ignores this mask). All positions when not given.
+        bool ``[L]``, the positions the engine can free. False positions are always kept; the
+        evictable candidates get their proportional share of the paper's selection. All
+        positions when not given.
     keep_multiple : int
-        The kept evictable count is rounded up to a multiple of this (capped at the number of
-        evictable positions) with each head's next-best evictable positions.
+        The kept evictable count ``k`` is rounded up to a multiple of this (capped at the number
+        of evictable positions); ``k`` never depends on ``scores``.
 
     Returns
     -------
@@ -220,34 +219,31 @@ def select_kept(
     always_kept = selector.always_kept(is_image)
     if always_kept is not None:
         protected |= always_kept
+    if evictable is None:
+        evictable = torch.ones(length, dtype=torch.bool, device=device)
 
-    # 1. The paper's selection, as if every position were evictable.
+    # The paper's count S of candidates kept per head, as if every position were evictable.
     wanted = important_count(length, config.budget, config.recent_ratio)
     num_selected = max(0, wanted - int((protected & ~recent).sum()))
     num_candidates = length - int(protected.sum())
-    kept_mask = protected.expand(num_heads, length).clone()
-    rank = None
-    if num_selected == num_candidates:
-        kept_mask.fill_(True)
-    elif num_selected > 0:
-        rank = selector.rank(scores, num_heads, length).to(device)
-        candidate_rank = rank.masked_fill(protected, float("-inf"))
-        kept_mask.scatter_(1, candidate_rank.topk(num_selected, dim=-1, sorted=False).indices,
-                           True)
-
-    # 2. The engine's superset: all non-evictable positions, k evictable ones in every head.
-    if evictable is None:
-        evictable = torch.ones(length, dtype=torch.bool, device=device)
+    # The evictable candidates' proportional share of S, then k: layout only, never the scores.
+    evictable_candidates = evictable & ~protected
+    num_evictable_candidates = int(evictable_candidates.sum())
+    share = -(-num_selected * num_evictable_candidates // num_candidates) if num_candidates else 0
+    num_protected_evictable = int((protected & evictable).sum())
     num_evictable = int(evictable.sum())
-    paper_evictable = (kept_mask & evictable).sum(dim=1)  # k_h
-    kept_evictable = min(_round_up(int(paper_evictable.max()), keep_multiple), num_evictable)
-    kept_mask |= ~evictable
-    if kept_evictable == num_evictable:
+    kept_evictable = min(_round_up(num_protected_evictable + share, keep_multiple), num_evictable)
+
+    # Every head: protected and non-evictable positions, then its best evictable candidates.
+    num_chosen = kept_evictable - num_protected_evictable
+    kept_mask = (protected | ~evictable).expand(num_heads, length).clone()
+    if num_chosen >= num_evictable_candidates:
         kept_mask |= evictable
-    elif (paper_evictable < kept_evictable).any():
-        if rank is None:
-            rank = selector.rank(scores, num_heads, length).to(device)
-        _keep_best(kept_mask, rank, evictable, kept_evictable - paper_evictable)
+    elif num_chosen > 0:
+        rank = selector.rank(scores, num_heads, length).to(device)
+        candidate_rank = rank.masked_fill(~evictable_candidates, float("-inf"))
+        kept_mask.scatter_(1, candidate_rank.topk(num_chosen, dim=-1, sorted=False).indices,
+                           True)
     return Selection(
         kept_mask=kept_mask,
         num_kept=length - num_evictable + kept_evictable,
