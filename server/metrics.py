@@ -1,0 +1,40 @@
+"""LOOK-M's Prometheus metrics, served by vLLM's own ``GET /metrics``.
+
+vLLM's ``/metrics`` exports ``prometheus_client``'s default registry when one API server runs
+(``vllm.v1.metrics.prometheus.get_prometheus_registry``), and a multiprocess collector over
+``PROMETHEUS_MULTIPROC_DIR`` otherwise; metrics created here with the default registry appear in
+both cases (prometheus_client writes them to that directory when the variable is set).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+COMPRESSED_REQUESTS = Counter(
+    "lookm_compressed_requests",
+    "Requests whose prompt KV cache LOOK-M compressed.",
+)
+KV_TOKENS_EVICTED = Counter(
+    "lookm_kv_tokens_evicted",
+    "Prompt KV positions evicted by compression (prompt_tokens - kv_tokens_kept).",
+)
+KV_BLOCKS_FREED = Counter(
+    "lookm_kv_blocks_freed",
+    "KV cache blocks returned to the pool by compression.",
+)
+COMPRESSION_SECONDS = Histogram(
+    "lookm_compression_seconds",
+    "Time a request's compression took in the engine (scoring, selection, merge, compaction).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+
+def observe(stats: dict[str, Any]) -> None:
+    """Count one finished compressed request from its engine stats (``kv_compression`` entry of
+    ``RequestOutput.kv_transfer_params``)."""
+    COMPRESSED_REQUESTS.inc()
+    KV_TOKENS_EVICTED.inc(max(0, stats["prompt_tokens"] - stats["kv_tokens_kept"]))
+    KV_BLOCKS_FREED.inc(stats["kv_blocks_freed"])
+    COMPRESSION_SECONDS.observe(stats.get("compression_ms", 0.0) / 1000.0)

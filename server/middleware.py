@@ -1,0 +1,181 @@
+"""``LookMMiddleware``: what LOOK-M adds to vLLM's OpenAI app, as one pure ASGI middleware.
+
+Installed with vLLM's own ``--middleware server.middleware.LookMMiddleware`` (``lookm-serve``
+always adds it; a stock ``python -m vllm.entrypoints.openai.api_server`` may too). Per request:
+
+* a body larger than ``--max-request-mb`` is refused (HTTP 400) before anything parses it;
+* ``POST /v1/chat/completions`` bodies are validated and rewritten by
+  ``validation.prepare_chat_request`` (a top-level ``kv_compression`` object becomes
+  ``vllm_xargs["kv_compression"]``; invalid configs and media-policy violations get HTTP 400 with
+  an OpenAI error body), off the event loop, before vLLM sees them;
+* their non-streaming JSON responses get ``usage.kv_compression`` in place of the raw
+  ``kv_transfer_params`` (``usage.shape_response``); streamed ones get it from the stream hook
+  (``streaming.install_stream_hook``, installed when vLLM builds the app).
+
+vLLM adds ``--middleware`` classes last, so this one runs before vLLM's API-key check: a request
+that check will refuse is passed through untouched, so unauthenticated clients get 401, never a
+validation answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from vllm import envs
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, AuthenticationMiddleware
+
+from .streaming import install_stream_hook
+from .usage import shape_response
+from .validation import RequestError, RequestPolicy, prepare_chat_request
+
+CHAT_PATH = "/v1/chat/completions"
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def error_response(message: str, param: str | None = None) -> JSONResponse:
+    """An HTTP 400 with vLLM's OpenAI error body (type ``BadRequestError``, code 400)."""
+    err = create_error_response(message, param=param)
+    return JSONResponse(err.model_dump(), status_code=err.error.code)
+
+
+def _dumps(obj: Any) -> bytes:
+    # As starlette's JSONResponse renders vLLM's responses.
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body; past ``limit`` bytes the rest is drained (so the client can read
+    the answer) and ``_TooLarge`` raised."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # disconnected
+            return b"".join(chunks)
+        size += len(message.get("body", b""))
+        if size <= limit:
+            chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    if size > limit:
+        raise _TooLarge
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the already-read body on, then the client's later messages."""
+    done = False
+
+    async def receive_again() -> Message:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
+
+
+def _rewrite_chat_body(raw: bytes, policy: RequestPolicy) -> bytes | None:
+    """The body to hand to vLLM, or None to hand on the original (not JSON: vLLM answers)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return _dumps(prepare_chat_request(body, policy))
+
+
+class _ServerState:
+    """What the middleware needs from the server's parsed arguments (``app.state.args``)."""
+
+    def __init__(self, app: Any, inner: ASGIApp) -> None:
+        args = getattr(getattr(app, "state", None), "args", None)
+        self.policy = RequestPolicy.from_args(args)
+        self.auth = None
+        # The tokens vLLM's own AuthenticationMiddleware gets (serve/middleware/register.py).
+        tokens = [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
+        if tokens:
+            self.auth = AuthenticationMiddleware(inner, tokens=tokens)
+
+    def refused_by_auth(self, scope: Scope, path: str) -> bool:
+        return (self.auth is not None and path.startswith(GUARDED_PREFIX)
+                and not self.auth.verify_token(Headers(scope=scope)))
+
+
+class LookMMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._state: _ServerState | None = None
+        install_stream_hook()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        if self._state is None:
+            self._state = _ServerState(scope.get("app"), self.app)
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if self._state.refused_by_auth(scope, path):
+            await self.app(scope, receive, send)
+            return
+        policy = self._state.policy
+        try:
+            raw = await _read_body(receive, policy.max_request_bytes)
+        except _TooLarge:
+            mb = policy.max_request_bytes / (1 << 20)
+            await error_response(f"request body larger than this server's limit of {mb:g} MB "
+                                 "(--max-request-mb)")(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if path == CHAT_PATH and headers.get("content-type", "").startswith("application/json"):
+            try:
+                rewritten = await anyio.to_thread.run_sync(_rewrite_chat_body, raw, policy)
+            except RequestError as exc:
+                await error_response(exc.message, exc.param)(scope, receive, send)
+                return
+            if rewritten is not None:
+                raw = rewritten
+                scope = dict(scope)
+                scope["headers"] = [(k, v) for k, v in scope["headers"]
+                                    if k.lower() != b"content-length"]
+                scope["headers"].append((b"content-length", str(len(raw)).encode()))
+            send = _ShapeJsonResponse(send)
+        await self.app(scope, _replay(raw, receive), send)
+
+
+class _ShapeJsonResponse:
+    """A ``send`` that rewrites a successful JSON chat completion with ``shape_response``;
+    streamed (event-stream) and error responses pass through."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._start: Message | None = None
+        self._chunks: list[bytes] = []
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
+            if message["status"] == 200 and content_type.startswith("application/json"):
+                self._start = message
+                return
+        elif message["type"] == "http.response.body" and self._start is not None:
+            self._chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = _dumps(shape_response(json.loads(b"".join(self._chunks))))
+            start, self._start = self._start, None
+            MutableHeaders(scope=start)["content-length"] = str(len(body))
+            await self._send(start)
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await self._send(message)
