@@ -105,7 +105,8 @@ def describe_errors(exc: ValidationError, prefix: str) -> tuple[str, str]:
     """A pydantic error as (the first error's ``param`` path, one line naming every error)."""
     errors = exc.errors(include_url=False)
     details = "; ".join(
-        f"{param_path(prefix, tuple(e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+        (f"{param_path(prefix, tuple(e['loc']))}: " if e["loc"] else "")
+        + e["msg"].removeprefix("Value error, ")
         for e in errors
     )
     return param_path(prefix, tuple(errors[0]["loc"])), details
