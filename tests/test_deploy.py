@@ -41,6 +41,7 @@ import yaml
 
 from lookm_vllm.core import CompressionConfig
 from lookm_vllm.vllm_adapter import options
+from server.cli import ENV_FALLBACKS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -63,8 +64,8 @@ HF_HOME = "/data/huggingface"
 UID = 10001
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_COMPRESSION = CompressionConfig.parse({"method": "lookm"})
-# The variables lookm-serve reads (server/cli.py); the deployments set the first three.
-SERVER_ENV = {"LOOKM_MODEL", "LOOKM_KV_COMPRESSION", "LOOKM_API_KEY", "LOOKM_HOST", "LOOKM_PORT"}
+# The variables lookm-serve reads; the deployments set model, compression default and API key.
+SERVER_ENV = set(ENV_FALLBACKS)
 DEPLOY_ENV = {"LOOKM_MODEL", "LOOKM_KV_COMPRESSION", "LOOKM_API_KEY"}
 IMAGE_ENV = {"LOOKM_KV_COMPRESSION", "LOOKM_HOST", "LOOKM_PORT"}
 # The oldest and the newest Kubernetes release whose API schemas kubernetes-validate ships.
@@ -580,9 +581,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str) -> int:
+def _get(url: str, api_key: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=5) as response:
             return response.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -592,8 +595,9 @@ def _get(url: str) -> int:
 @pytest.mark.timeout(300)
 def test_cpu_image_command_line_serves_health(tmp_path):
     """Dockerfile.cpu's ENTRYPOINT + CMD and ENV, with this venv's console script in place of the
-    image's, start the demo server; it answers /health and /metrics and stops on SIGTERM (what
-    `docker stop` sends)."""
+    image's, start the demo server. With an API key set, as every deployment sets one, /health
+    and /metrics still answer without it (probes and Prometheus send none) while the API wants
+    it; the server stops on SIGTERM (what `docker stop` and Kubernetes send)."""
     cpu = Dockerfile.load("Dockerfile.cpu")
     argv = cpu.argv
     argv[0] = str(Path(sys.executable).parent / argv[0])
@@ -601,7 +605,7 @@ def test_cpu_image_command_line_serves_health(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
     # The image's settings, minus its filesystem layout (PATH, HF_HOME point into the image).
     env.update({k: v for k, v in cpu.env.items() if k != "PATH" and not v.startswith("/")})
-    env.update(LOOKM_HOST="127.0.0.1", LOOKM_PORT=str(port))
+    env.update(LOOKM_HOST="127.0.0.1", LOOKM_PORT=str(port), LOOKM_API_KEY="test-key")
     log = tmp_path / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out,
@@ -619,6 +623,8 @@ def test_cpu_image_command_line_serves_health(tmp_path):
         assert status == 200, (f"no healthy server (exit code {proc.poll()}):\n"
                                + log.read_text(errors="replace")[-4000:])
         assert _get(f"http://127.0.0.1:{port}{METRICS_PATH}") == 200
+        assert _get(f"http://127.0.0.1:{port}/v1/models") == 401
+        assert _get(f"http://127.0.0.1:{port}/v1/models", api_key="test-key") == 200
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
