@@ -170,7 +170,9 @@ def _check_data_image(url: str, param: str) -> None:
             img.load()
     except Image.DecompressionBombError as exc:
         raise RequestError(f"image too large: {exc}", param) from None
-    except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+    # Any decoder failure is the client's image, never a server error: PIL raises many types
+    # (UnidentifiedImageError, OSError, SyntaxError, struct.error, ...).
+    except Exception:  # noqa: BLE001
         raise RequestError(f"image data does not decode as {media_type}", param) from None
     if fmt not in set(IMAGE_MEDIA_TYPES.values()):
         raise RequestError(f"unsupported image format {fmt}", param)

@@ -4,6 +4,7 @@ installed vLLM, so an upgrade that moves or changes one fails here first."""
 from __future__ import annotations
 
 import inspect
+import json
 from argparse import Namespace
 
 import pytest
@@ -44,9 +45,9 @@ def test_cli_entry_points():
 def test_parser_flags_the_cli_sets(parser):
     """Defaults layered with ``parse_args(argv, namespace=...)``; the flags lookm-serve writes."""
     assert "namespace" in params(type(parser).parse_args)
+    ktc = json.dumps({"kv_connector": "X", "kv_role": "kv_both"})
     base = parser.parse_args(["--model", "m", "--block-size", "64", "--middleware", "a.B",
-                              "--kv-transfer-config", '{"kv_connector": "X", "kv_role": '
-                              '"kv_both"}'])
+                              "--kv-transfer-config", ktc])
     args = parser.parse_args(["--block-size", "96", "--middleware", "c.D", "--api-key", "k",
                               "--allowed-media-domains", "a.com", "b.org",
                               "--limit-mm-per-prompt", '{"image": 2}'], namespace=base)
@@ -109,7 +110,7 @@ def test_chat_route_and_request():
     assert "JSONResponse(" in source and "generator.model_dump()" in source
     assert 'media_type="text/event-stream"' in source
     assert "kv_transfer_params" in ChatCompletionResponse.model_fields
-    assert [r.path for r in api_router.router.routes if "POST" in r.methods][0] == \
+    assert next(r.path for r in api_router.router.routes if "POST" in r.methods) == \
         "/v1/chat/completions"
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                     vllm_xargs={"kv_compression": '{"budget": 0.2}'})

@@ -32,9 +32,9 @@ def image(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def refused(body, policy=RequestPolicy()) -> RequestError:
+def refused(body, policy: RequestPolicy | None = None) -> RequestError:
     with pytest.raises(RequestError) as info:
-        prepare_chat_request(body, policy)
+        prepare_chat_request(body, policy or RequestPolicy())
     return info.value
 
 
