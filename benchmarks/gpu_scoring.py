@@ -850,6 +850,9 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    # The core's own CUDA dispatch would turn its "core torch" rows into Triton runs: keep the
+    # core on its torch path here; the kernels are timed by name.
+    os.environ["LOOKM_TRITON"] = "0"
     args = parse_args(argv)
     if args.cpu_smoke:  # must precede the first import of triton / the kernels
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -213,12 +213,14 @@ def test_chunked_prefill_gives_the_same_kept_set_and_tokens(runs, tiny_llava_pat
 
 
 def test_preemption_completes_with_the_same_outputs(runs, tiny_llava_path):
-    requests = [{"images": [i, 6], "kv_compression": LOOKM_02, "max_tokens": 48}
-                for i in range(8)] + [{"images": [20, 6], "max_tokens": 48}]
+    # 8 compressed requests and one uncompressed, with long outputs: in a 40-block pool the
+    # decodes outgrow the free blocks and vLLM preempts (recomputes) some of them.
+    requests = [{"images": [i, 2], "kv_compression": LOOKM_02, "max_tokens": 400}
+                for i in range(8)] + [{"images": [20, 2], "max_tokens": 400}]
     engine = {"max_model_len": 1024}
     roomy = runs("preempt_roomy", {"model": "llava", "engine": engine, "batches": [requests]})
     tight = runs("preempt_tight", {"model": "llava", "batches": [requests],
-                                   "engine": dict(engine, kv_cache_gib=48 * 64 / (1 << 20))})
+                                   "engine": dict(engine, kv_cache_gib=40 * 64 / (1 << 20))})
     assert tight["metrics"][-1]["vllm:num_preemptions"] > 0
     assert roomy["metrics"][-1]["vllm:num_preemptions"] == 0
     for a, b in zip(roomy["batches"][0], tight["batches"][0]):

@@ -71,6 +71,12 @@ def assign_to_kept(
     -------
     Assignment
     """
+    if evicted_keys.is_cuda:
+        from lookm_vllm.kernels import triton_cosine_argmax, triton_dispatch
+
+        if triton_dispatch(evicted_keys):
+            return Assignment(*triton_cosine_argmax(kept_keys, evicted_keys, kept_group,
+                                                    evicted_group))
     num_heads, num_evicted, _ = evicted_keys.shape
     num_kept = kept_keys.shape[1]
     kept_unit = torch.nn.functional.normalize(kept_keys, dim=-1).transpose(1, 2)

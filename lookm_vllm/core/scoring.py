@@ -91,6 +91,13 @@ class AttentionAccumulator:
         if num_queries == 0:
             return
 
+        if queries.is_cuda:
+            from lookm_vllm.kernels import triton_accumulated_attention, triton_dispatch
+
+            if triton_dispatch(queries):
+                triton_accumulated_attention(queries, keys, query_start,
+                                             out=self.scores[:, :num_keys], scale=self.scale)
+                return
         group = num_q_heads // num_kv_heads
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
         # [Hq, Lq, d] -> [Hkv, group, Lq, d]: consecutive query heads share a KV head.

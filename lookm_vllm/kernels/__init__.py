@@ -11,6 +11,7 @@ from .triton_scoring import (
     cuda_kernels_usable,
     interpreter_active,
     triton_accumulated_attention,
+    triton_dispatch,
     triton_query_logsumexp,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "interpreter_active",
     "triton_accumulated_attention",
     "triton_cosine_argmax",
+    "triton_dispatch",
     "triton_query_logsumexp",
 ]

@@ -26,6 +26,8 @@ tensors through Triton's interpreter (slow; used by the CPU tests).
 
 from __future__ import annotations
 
+import os
+
 import math
 
 import torch
@@ -231,6 +233,16 @@ def launch(name: str, tuned, grid, args: tuple, meta: dict) -> None:
 def interpreter_active() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return _KERNELS_INTERPRETED
+
+
+def triton_dispatch(tensor: Tensor) -> bool:
+    """Whether ``lookm_vllm.core`` should hand ``tensor``'s work to these kernels.
+
+    True when :func:`cuda_kernels_usable` and the environment does not set ``LOOKM_TRITON=0``
+    (which forces the pure-torch reference path, e.g. to compare the two).
+    """
+    return tensor.is_cuda and os.environ.get("LOOKM_TRITON", "1") != "0" \
+        and cuda_kernels_usable(tensor)
 
 
 def cuda_kernels_usable(tensor: Tensor) -> bool:

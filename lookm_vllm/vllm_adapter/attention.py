@@ -60,7 +60,7 @@ class LookMImplMixin:
         work = getattr(attn_metadata, "lookm_work", None)
         if work:
             with torch.inference_mode():
-                STATE.process_layer(layer.layer_name, work, query, kv_cache,
+                STATE.process_layer(layer.layer_name, work, query, output, kv_cache,
                                     attn_metadata.block_table, self.layout, self.scale)
         return result
 

@@ -100,10 +100,13 @@ class WorkerState:
         return work, holed
 
     # --- attention forward -----------------------------------------------------------------
-    def process_layer(self, layer_name: str, work: list[RowWork], query: Tensor,
+    def process_layer(self, layer_name: str, work: list[RowWork], query: Tensor, output: Tensor,
                       kv_cache: Tensor, block_table: Tensor, layout: KVLayout,
                       scale: float) -> None:
-        """Score this layer's prompt queries and, at the prompt's end, compress the layer."""
+        """Score this layer's prompt queries and, at the prompt's end, compress the layer.
+
+        Runs after the stock attention of the layer wrote ``output`` for every query row.
+        """
         key_cache, value_cache = layout.split(kv_cache)
         for item in work:
             req = self.requests[item.req_id]
@@ -128,6 +131,38 @@ class WorkerState:
             if end == plan.prompt_len and item.position_start + item.num_tokens >= end:
                 self._compress_layer(item.req_id, req, layer_name, key_cache, value_cache,
                                     block_row)
+                self._attend_past_prompt(req, item, query, output, key_cache, value_cache,
+                                         block_row, scale)
+
+    def _attend_past_prompt(self, req: WorkerRequest, item: RowWork, query: Tensor,
+                            output: Tensor, key_cache: Tensor, value_cache: Tensor,
+                            block_row: Tensor, scale: float) -> None:
+        """Redo attention for rows of this chunk that lie past the prompt, on the compressed cache.
+
+        Only a preempted request replaying its output tokens has such rows (vLLM recomputes
+        prompt + outputs in one prefill). When those tokens were first decoded they saw the
+        compressed cache, so they must see it again, or the replay would diverge.
+        """
+        prompt_len = req.plan.prompt_len
+        total = item.position_start + item.num_tokens
+        num = total - prompt_len
+        if num <= 0 or not req.holes:
+            return
+        block_size = key_cache.shape[2]
+        holes = set(req.holes)
+        kept_blocks = [b for b in range(-(-total // block_size)) if b not in holes]
+        length = total - len(holes) * block_size
+        keys, values = gather_prompt(key_cache, value_cache, block_row[kept_blocks], length)
+        first = item.token_start + prompt_len - item.position_start
+        q = query[first:first + num].float().transpose(0, 1)                # [Hq, n, d]
+        group = q.shape[0] // keys.shape[0]
+        positions = torch.arange(length - num, length, device=q.device)
+        causal = torch.arange(length, device=q.device)[None, :] <= positions[:, None]
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q, keys.float().repeat_interleave(group, 0), values.float().repeat_interleave(group, 0),
+            attn_mask=causal, scale=scale)                                   # [Hq, n, d]
+        rows = output[first:first + num]
+        rows.copy_(attended.transpose(0, 1).reshape(rows.shape).to(rows.dtype))
 
     def _compress_layer(self, req_id: str, req: WorkerRequest, layer_name: str, key_cache: Tensor,
                         value_cache: Tensor, block_row: Tensor) -> None:
