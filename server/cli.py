@@ -168,7 +168,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv, namespace=parser.parse_args(ours))
     if args.max_images is None:
         args.max_images = (args.limit_mm_per_prompt or {}).get("image")
-    args.kv_compression = None if default is None else default.model_dump_json()
     validate_parsed_serve_args(args)
     return args
 

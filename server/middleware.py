@@ -4,11 +4,12 @@ Installed with vLLM's own ``--middleware server.middleware.LookMMiddleware`` (``
 always adds it; a stock ``python -m vllm.entrypoints.openai.api_server`` may too). Per request:
 
 * a body larger than ``--max-request-mb`` is refused (HTTP 400) before anything parses it;
-* ``POST /v1/chat/completions`` bodies are validated and rewritten by
+* every JSON body is checked against the media policy (``validation.check_media``), and
+  ``POST /v1/chat/completions`` bodies are also validated and rewritten by
   ``validation.prepare_chat_request`` (a top-level ``kv_compression`` object becomes
-  ``vllm_xargs["kv_compression"]``; invalid configs and media-policy violations get HTTP 400 with
-  an OpenAI error body), off the event loop, before vLLM sees them;
-* their non-streaming JSON responses get ``usage.kv_compression`` in place of the raw
+  ``vllm_xargs["kv_compression"]``), off the event loop, before vLLM sees them; a refusal is an
+  HTTP 400 with an OpenAI error body naming the offending field;
+* non-streaming chat completions get ``usage.kv_compression`` in place of the raw
   ``kv_transfer_params`` (``usage.shape_response``); streamed ones get it from the stream hook
   (``streaming.install_stream_hook``, installed when vLLM builds the app).
 
@@ -32,7 +33,7 @@ from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, Authe
 
 from .streaming import install_stream_hook
 from .usage import shape_response
-from .validation import RequestError, RequestPolicy, prepare_chat_request
+from .validation import RequestError, RequestPolicy, check_media, prepare_chat_request
 
 CHAT_PATH = "/v1/chat/completions"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -42,11 +43,6 @@ def error_response(message: str, param: str | None = None) -> JSONResponse:
     """An HTTP 400 with vLLM's OpenAI error body (type ``BadRequestError``, code 400)."""
     err = create_error_response(message, param=param)
     return JSONResponse(err.model_dump(), status_code=err.error.code)
-
-
-def _dumps(obj: Any) -> bytes:
-    # As starlette's JSONResponse renders vLLM's responses.
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 class _TooLarge(Exception):
@@ -86,13 +82,20 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return receive_again
 
 
-def _rewrite_chat_body(raw: bytes, policy: RequestPolicy) -> bytes | None:
-    """The body to hand to vLLM, or None to hand on the original (not JSON: vLLM answers)."""
+def _checked_body(raw: bytes, path: str, policy: RequestPolicy) -> bytes:
+    """The body to hand to vLLM: ``raw`` itself unless a chat completion needed rewriting.
+
+    Raises ``RequestError``. A body that is not JSON is handed on for vLLM to answer.
+    """
     try:
         body = json.loads(raw)
-    except ValueError:
-        return None
-    return _dumps(prepare_chat_request(body, policy))
+    except (ValueError, RecursionError):
+        return raw
+    if path != CHAT_PATH:
+        check_media(body, policy)
+        return raw
+    prepared = prepare_chat_request(body, policy)
+    return raw if prepared is body else json.dumps(prepared, ensure_ascii=False).encode()
 
 
 class _ServerState:
@@ -136,19 +139,19 @@ class LookMMiddleware:
             await error_response(f"request body larger than this server's limit of {mb:g} MB "
                                  "(--max-request-mb)")(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        if path == CHAT_PATH and headers.get("content-type", "").startswith("application/json"):
+        if Headers(scope=scope).get("content-type", "").startswith("application/json"):
             try:
-                rewritten = await anyio.to_thread.run_sync(_rewrite_chat_body, raw, policy)
+                checked = await anyio.to_thread.run_sync(_checked_body, raw, path, policy)
             except RequestError as exc:
                 await error_response(exc.message, exc.param)(scope, receive, send)
                 return
-            if rewritten is not None:
-                raw = rewritten
+            if checked is not raw:
+                raw = checked
                 scope = dict(scope)
                 scope["headers"] = [(k, v) for k, v in scope["headers"]
                                     if k.lower() != b"content-length"]
                 scope["headers"].append((b"content-length", str(len(raw)).encode()))
+        if path == CHAT_PATH:
             send = _ShapeJsonResponse(send)
         await self.app(scope, _replay(raw, receive), send)
 
@@ -172,7 +175,9 @@ class _ShapeJsonResponse:
             self._chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return
-            body = _dumps(shape_response(json.loads(b"".join(self._chunks))))
+            # rendered as starlette's JSONResponse renders vLLM's responses
+            body = json.dumps(shape_response(json.loads(b"".join(self._chunks))),
+                              ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
             start, self._start = self._start, None
             MutableHeaders(scope=start)["content-length"] = str(len(body))
             await self._send(start)

@@ -1,14 +1,14 @@
-"""Admission checks of a chat-completion request, in the API process, before vLLM sees it.
+"""Admission checks of requests, in the API process, before vLLM sees them.
 
-``prepare_chat_request`` validates what LOOK-M adds to the OpenAI request (a top-level
-``kv_compression`` object, or ``vllm_xargs["kv_compression"]`` as a JSON string) and the server's
-media policy (image data URLs must decode, remote URLs only when allowed, local files never unless
-vLLM's ``--allowed-local-media-path`` names their directory, at most ``max_images`` images), and
-rewrites the body into the form vLLM takes: ``vllm_xargs={"kv_compression": "<json>"}``. Every
-refusal is a ``RequestError`` naming the offending field as an OpenAI ``param`` path
-(``kv_compression.budget``, ``messages[0].content[1].image_url``). Everything else about the
-request (its OpenAI schema, the model, sampling parameters) is left to vLLM.
-"""
+``check_media`` applies the server's media policy to any request body: image data URLs must
+decode, remote URLs only when allowed, local files never unless vLLM's
+``--allowed-local-media-path`` names their directory, at most ``max_images`` images.
+``prepare_chat_request`` also validates what LOOK-M adds to a chat completion (a top-level
+``kv_compression`` object, or ``vllm_xargs["kv_compression"]`` as a JSON string) and rewrites it
+into the form vLLM takes: ``vllm_xargs={"kv_compression": "<json>"}``. Every refusal is a
+``RequestError`` naming the offending field as an OpenAI ``param`` path
+(``kv_compression.budget``, ``messages[0].content[1].image_url``). Everything else about a
+request (its OpenAI schema, the model, sampling parameters) is left to vLLM."""
 
 from __future__ import annotations
 
@@ -209,42 +209,54 @@ def _is_image_part(part: dict[str, Any]) -> bool:
     return kind in IMAGE_PART_TYPES
 
 
-def check_media(messages: Any, policy: RequestPolicy) -> None:
-    """Apply the media policy to every content part of ``messages``."""
-    if not isinstance(messages, list):
-        return  # not a chat request vLLM accepts: its own validation answers
-    images = 0
-    for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
+def _media_parts(body: Any):
+    """Every dict in a JSON document with its ``param`` path, in document order (iterative: a
+    deeply nested body cannot exhaust the stack)."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            yield path, node
+            children = [(param_path(path, (key,)), value) for key, value in node.items()]
+        elif isinstance(node, list):
+            children = [(param_path(path, (i,)), item) for i, item in enumerate(node)]
+        else:
             continue
-        for j, part in enumerate(content):
-            if not isinstance(part, dict):
-                continue
-            images += int(_is_image_part(part))
-            for key in _URL_KEYS:
-                value = part.get(key)
-                url = value.get("url") if isinstance(value, dict) else value
-                if isinstance(url, str):
-                    _check_url(url, param_path("messages", (i, "content", j, key)), policy,
-                               image=key == "image_url")
+        stack.extend(reversed(children))
+
+
+def check_media(body: Any, policy: RequestPolicy) -> None:
+    """Apply the media policy to every media URL and image part of a request body.
+
+    Walks the whole body, not only ``messages[*].content``, so every vLLM endpoint taking
+    OpenAI-style content parts (chat, batch chat, responses, tokenize, pooling) is covered.
+    """
+    images = 0
+    for path, part in _media_parts(body):
+        images += int(_is_image_part(part))
+        for key in _URL_KEYS:
+            value = part.get(key)
+            url = value.get("url") if isinstance(value, dict) else value
+            if isinstance(url, str):
+                _check_url(url, param_path(path, (key,)), policy, image=key == "image_url")
     if policy.max_images is not None and images > policy.max_images:
         raise RequestError(f"{images} images in one request; this server accepts at most "
                            f"{policy.max_images}", "messages")
 
 
 def prepare_chat_request(body: Any, policy: RequestPolicy) -> Any:
-    """Validate a chat-completion body and return it rewritten for vLLM.
-
-    A body that is not a JSON object is returned unchanged (vLLM reports it). Raises
-    ``RequestError`` for an invalid compression config or a media-policy violation.
+    """Validate a chat-completion body and return it rewritten for vLLM: the same object when
+    there is nothing to rewrite (no ``kv_compression`` field, or not a JSON object: vLLM reports
+    that). Raises ``RequestError`` for an invalid compression config or a media-policy violation.
     """
     if not isinstance(body, dict):
         return body
     config = compression_config(body)
-    check_media(body.get("messages"), policy)
+    check_media(body, policy)
+    if EXTRA_ARGS_KEY not in body:
+        return body
     body = dict(body)
-    body.pop(EXTRA_ARGS_KEY, None)
+    del body[EXTRA_ARGS_KEY]
     if config is not None:
         xargs = body.get("vllm_xargs")
         body["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}),

@@ -14,7 +14,13 @@ from prometheus_client import REGISTRY
 
 from lookm_vllm.core import CompressionConfig
 from lookm_vllm.testing.images import image_to_bytes, image_to_data_url, test_images
-from server.validation import RequestError, RequestPolicy, param_path, prepare_chat_request
+from server.validation import (
+    RequestError,
+    RequestPolicy,
+    check_media,
+    param_path,
+    prepare_chat_request,
+)
 
 pytest.importorskip("vllm")
 
@@ -60,16 +66,17 @@ def test_top_level_config_becomes_vllm_xargs_json(photo_url):
     assert "kv_compression" in body  # the caller's body is not modified
 
 
-def test_vllm_xargs_config_is_kept_canonical():
+def test_valid_vllm_xargs_config_passes_unchanged():
     body = chat({"type": "text", "text": "hi"},
                 vllm_xargs={"kv_compression": '{"method": "h2o", "budget": 0.5}'})
-    out = prepare_chat_request(body, RequestPolicy())
-    assert json.loads(out["vllm_xargs"]["kv_compression"])["merge"] == "none"
+    assert prepare_chat_request(body, RequestPolicy()) is body
 
 
 def test_no_config_leaves_the_body_alone():
     body = chat({"type": "text", "text": "hi"}, kv_compression=None)
     assert prepare_chat_request(body, RequestPolicy()) == chat({"type": "text", "text": "hi"})
+    body = chat({"type": "text", "text": "hi"})
+    assert prepare_chat_request(body, RequestPolicy()) is body
     assert prepare_chat_request([1, 2], RequestPolicy()) == [1, 2]
 
 
@@ -141,6 +148,25 @@ def test_other_part_kinds_follow_the_url_policy(photo_url):
     # untyped parts are images too, as vLLM reads them
     err = refused(chat({"image_url": "data:image/png;base64,@@"}))
     assert err.param == "messages[0].content[0].image_url"
+
+
+def test_media_policy_covers_any_body_shape(photo_url):
+    """Batch chat (a list of conversations), responses-style input: the whole body is walked."""
+    batch = {"messages": [[{"role": "user", "content": [image(photo_url)]}],
+                          [{"role": "user", "content": [image("file:///etc/passwd")]}]]}
+    with pytest.raises(RequestError) as info:
+        check_media(batch, RequestPolicy())
+    assert info.value.param == "messages[1][0].content[0].image_url"
+    responses = {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "x"},
+        {"type": "input_image", "image_url": "http://a.com/x.png"}]}]}
+    with pytest.raises(RequestError) as info:
+        check_media(responses, RequestPolicy())
+    assert info.value.param == "input[0].content[1].image_url"
+    nested: list = []
+    for _ in range(100_000):  # deeper than any recursion limit
+        nested = [nested]
+    check_media({"messages": nested}, RequestPolicy())
 
 
 def test_remote_policy():
@@ -292,6 +318,16 @@ def test_middleware_size_limit_applies_to_every_body(app_client):
         assert r.status_code == 400
         assert "--max-request-mb" in r.json()["error"]["message"]
     assert app_client.post("/v1/other", content=b"y" * 100).json() == {"size": 100}
+
+
+def test_middleware_checks_media_on_every_json_body(app_client):
+    r = app_client.post("/v1/other", json={"input": [{"image_url": "file:///etc/passwd"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].image_url"
+    ok = b'{"input": "text"}'  # handed on byte for byte
+    assert app_client.post("/v1/other", content=ok,
+                           headers={"content-type": "application/json"}).json() == {"size": 17}
+    # not JSON: handed on untouched
+    assert app_client.post("/v1/other", content=b"{oops").json() == {"size": 5}
 
 
 def test_middleware_leaves_unauthenticated_requests_to_vllm(app_client):
