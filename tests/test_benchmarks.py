@@ -1,0 +1,52 @@
+"""The benchmarks run end to end in --quick mode and write every field (not their speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.engine
+
+
+def run(module: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_capacity_quick(tmp_path):
+    report = run("benchmarks.capacity", tmp_path / "capacity.json")
+    assert (tmp_path / "capacity.png").stat().st_size > 0
+    assert {"machine", "workload", "prompt_tokens", "pool_blocks", "pool_bytes",
+            "blocks_per_stock_request", "arms", "ratios_to_stock", "gpu_projection"} <= set(report)
+    names = [arm["name"] for arm in report["arms"]]
+    assert names[:3] == ["stock", "lookm-0.2", "lookm-0.1"]
+    for arm in report["arms"]:
+        assert arm["requests"] == report["workload"]["num_requests"]
+        assert arm["output_tokens"] == arm["requests"] * report["workload"]["max_tokens"]
+        for key in ("output_tokens_per_s", "requests_per_s", "peak_running", "mean_running",
+                    "preemptions", "peak_kv_blocks_in_use", "mean_kv_blocks_in_use"):
+            assert arm[key] >= 0, key
+        assert {"p50", "p90", "p99"} <= set(arm["ttft_s"]) and {"p50", "p90"} <= set(arm["tpot_s"])
+    for arm in report["arms"][1:]:
+        assert 0 < arm["kv_tokens_kept_fraction"] < 1 and arm["kv_blocks_freed_per_request"] > 0
+    assert set(report["ratios_to_stock"]) == set(names)
+    rows = report["gpu_projection"]
+    assert {row["arm"] for row in rows} == {"stock", *names[1:]}
+    assert all(row["max_batch"] >= 1 and row["decode_step_ms"] > 0 for row in rows)
+
+
+def test_decode_quick(tmp_path):
+    report = run("benchmarks.decode", tmp_path / "decode.json")
+    (run_,) = report["runs"]
+    assert set(run_["arms"]) == {"none", "lookm-0.2", "lookm-0.1"}
+    assert run_["arms"]["none"]["ratio_to_none"] == 1.0
+    for name in ("lookm-0.2", "lookm-0.1"):
+        arm = run_["arms"][name]
+        assert arm["decode_step_ms"] > 0 and arm["stats"]["kv_blocks_freed"] > 0
