@@ -229,7 +229,8 @@ def check_media(body: Any, policy: RequestPolicy) -> None:
     """Apply the media policy to every media URL and image part of a request body.
 
     Walks the whole body, not only ``messages[*].content``, so every vLLM endpoint taking
-    OpenAI-style content parts (chat, batch chat, responses, tokenize, pooling) is covered.
+    OpenAI-style content parts (chat, batch chat, responses, tokenize, pooling) or URL source
+    blocks (Anthropic messages) is covered.
     """
     images = 0
     for path, part in _media_parts(body):
@@ -239,6 +240,9 @@ def check_media(body: Any, policy: RequestPolicy) -> None:
             url = value.get("url") if isinstance(value, dict) else value
             if isinstance(url, str):
                 _check_url(url, param_path(path, (key,)), policy, image=key == "image_url")
+        if part.get("type") == "url" and isinstance(part.get("url"), str):
+            # a URL source block ({"type": "url", "url": ...}, e.g. Anthropic /v1/messages images)
+            _check_url(part["url"], param_path(path, ("url",)), policy, image=False)
     if policy.max_images is not None and images > policy.max_images:
         raise RequestError(f"{images} images in one request; this server accepts at most "
                            f"{policy.max_images}", "messages")

@@ -163,6 +163,11 @@ def test_media_policy_covers_any_body_shape(photo_url):
     with pytest.raises(RequestError) as info:
         check_media(responses, RequestPolicy())
     assert info.value.param == "input[0].content[1].image_url"
+    anthropic = {"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://a.com/x.png"}}]}]}
+    with pytest.raises(RequestError) as info:
+        check_media(anthropic, RequestPolicy())
+    assert info.value.param == "messages[0].content[0].source.url"
     nested: list = []
     for _ in range(100_000):  # deeper than any recursion limit
         nested = [nested]
