@@ -19,6 +19,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.capacity $(ARGS)
+	$(PY) -m benchmarks.decode
 
 lint: setup
 	$(PY) -m ruff check lookm_vllm server tests benchmarks
