@@ -1,0 +1,7 @@
+"""``python -m lookm_vllm.eval`` = ``lookm-eval``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
