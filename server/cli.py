@@ -1,13 +1,13 @@
 """``lookm-serve`` (also ``python -m server``): vLLM's OpenAI-compatible server, LOOK-M enabled.
 
 The command line is vLLM's own (``make_arg_parser``: every engine and server flag passes through)
-plus LOOK-M's group (``--kv-compression``, the media policy, the request-size limit). The parsed
-arguments become one vLLM argument list:
+plus LOOK-M's group (``--kv-compression``, the media policy, the request-size limit). The vLLM
+arguments are parsed in two layers, the user's over lookm-serve's own:
 
-    [demo-model settings] + the user's arguments
-        + options.engine_cli_args(--kv-compression)          # the engine option, from ONE place
-        + --middleware server.middleware.LookMMiddleware     # validation, usage, metrics
-        [+ --allowed-media-domains ... / --limit-mm-per-prompt ...]
+    lookm-serve's:  [demo-model settings] [--allowed-media-domains ...] [--limit-mm-per-prompt ...]
+                    options.engine_cli_args(<--kv-compression>)   # the engine option, ONE place
+                    --middleware server.middleware.LookMMiddleware  # validation, usage, metrics
+    the user's:     everything on the command line (wins; --middleware appends)
 
 which vLLM's own ``run_server`` (uvicorn) serves. Without ``--model`` the built-in tiny demo
 LLaVA is built on first use (cached) and, on CPU, served with the tiny-model engine settings of
@@ -67,7 +67,8 @@ def make_parser():
         prog="lookm-serve",
         description="OpenAI-compatible vLLM server with LOOK-M multimodal KV-cache compression. "
                     "All vLLM engine and server arguments are accepted."))
-    group = parser.add_argument_group("LOOK-M")
+    group = parser.add_argument_group(
+        "LOOK-M", "LOOK-M KV-cache compression and request checks (lookm-serve --help=LOOK-M).")
     group.add_argument(
         "--kv-compression", metavar="JSON", default=None,
         help="Server-wide compression config for requests that carry none, a JSON object of "
@@ -86,11 +87,11 @@ def make_parser():
     group.add_argument(
         "--max-images", metavar="N", type=_positive(int), default=None,
         help="Most images per request (HTTP 400 beyond). Sets vLLM's --limit-mm-per-prompt "
-             "image count unless that is given. Default: that count, if any (8 for the demo "
-             "model).")
+             "image count unless that is given. Without it: that count, if any (8 for the "
+             "demo model).")
     group.add_argument(
         "--max-request-mb", metavar="MB", type=_positive(float), default=32.0,
-        help="Largest request body accepted, in MiB (HTTP 400 beyond). Default: 32.")
+        help="Largest request body accepted, in MiB (HTTP 400 beyond).")
     for action in parser._actions:
         if "--model" in action.option_strings:
             action.help = ("Model directory or Hugging Face id. Default: the built-in tiny "
