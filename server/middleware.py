@@ -175,9 +175,12 @@ class _ShapeJsonResponse:
             self._chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return
+            data = json.loads(b"".join(self._chunks))
+            if isinstance(data, dict):
+                data = shape_response(data)
             # rendered as starlette's JSONResponse renders vLLM's responses
-            body = json.dumps(shape_response(json.loads(b"".join(self._chunks))),
-                              ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+            body = json.dumps(data, ensure_ascii=False, allow_nan=False,
+                              separators=(",", ":")).encode()
             start, self._start = self._start, None
             MutableHeaders(scope=start)["content-length"] = str(len(body))
             await self._send(start)
