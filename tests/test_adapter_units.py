@@ -169,3 +169,51 @@ def test_plugin_is_registered_as_a_vllm_entry_point():
 
     names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert names.get("lookm") == "lookm_vllm.vllm_adapter.plugin:register"
+
+
+def _config(**changes):
+    model = dict(is_encoder_decoder=False, use_mla=False, is_hybrid=False)
+    parallel = dict(pipeline_parallel_size=1, decode_context_parallel_size=1,
+                    prefill_context_parallel_size=1)
+    top = dict(speculative_config=None, use_v2_model_runner=False)
+    for key, value in changes.items():
+        (model if key in model else parallel if key in parallel else top)[key] = value
+    return SimpleNamespace(model_config=SimpleNamespace(**model),
+                           parallel_config=SimpleNamespace(**parallel), **top)
+
+
+class FullAttentionSpec:  # stands in for vLLM's spec class (matched by name)
+    pass
+
+
+class SlidingWindowSpec:
+    pass
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"speculative_config": object()}, "speculative decoding"),
+    ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+    ({"decode_context_parallel_size": 2}, "context parallelism"),
+    ({"is_encoder_decoder": True}, "encoder-decoder"),
+    ({"use_mla": True}, "MLA"),
+    ({"is_hybrid": True}, "hybrid"),
+    ({"use_v2_model_runner": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
+])
+def test_unsupported_setups_are_refused_at_start(change, words):
+    from lookm_vllm.vllm_adapter.connector import check_supported
+
+    check_supported(_config(), None)
+    with pytest.raises(ValueError, match=words):
+        check_supported(_config(**change), None)
+
+
+def test_only_one_full_attention_kv_group_is_supported():
+    from lookm_vllm.vllm_adapter.connector import check_supported
+
+    def groups(*specs):
+        return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s()) for s in specs])
+
+    check_supported(_config(), groups(FullAttentionSpec))
+    for bad in (groups(SlidingWindowSpec), groups(FullAttentionSpec, SlidingWindowSpec)):
+        with pytest.raises(ValueError, match="one full-attention group"):
+            check_supported(_config(), bad)
