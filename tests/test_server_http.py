@@ -370,3 +370,38 @@ def test_unauthenticated_requests_get_401_before_validation(lookm_server, model)
                    json={"model": model, "messages": [{"role": "user", "content": "hi"}],
                          "kv_compression": {"budget": 7}})
     assert r.status_code == 401
+
+
+def _engine_gauges(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {s.name: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc")}
+
+
+def test_aborted_compressed_request_leaks_no_blocks(lookm_server, model, photo_urls):
+    """A client that hangs up mid-stream aborts its request: every KV block comes back."""
+    body = {"model": model, "messages": messages(photo_urls), "max_tokens": 3000,
+            "ignore_eos": True, "stream": True,
+            "kv_compression": {"method": "lookm", "budget": 0.2}}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{lookm_server.url}/v1/chat/completions", json=body,
+                      headers=headers, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                break                       # hang up after the first generated text
+    assert _engine_gauges(lookm_server.url)  # the gauges are exported
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        gauges = _engine_gauges(lookm_server.url)
+        if gauges["vllm:num_requests_running"] == 0 and gauges["vllm:kv_cache_usage_perc"] == 0:
+            break
+        time.sleep(0.5)
+    assert gauges == {"vllm:num_requests_running": 0.0, "vllm:kv_cache_usage_perc": 0.0}
+    after = httpx.post(
+        f"{lookm_server.url}/v1/chat/completions", headers=headers, timeout=120,
+        json={"model": model, "messages": messages(photo_urls[:1]), "max_tokens": 4})
+    assert after.status_code == 200  # and the server still serves
