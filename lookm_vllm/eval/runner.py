@@ -187,6 +187,12 @@ class PredictionFile:
                 f"{self.path} was made with {key}={existing.get(key)!r}, this run has "
                 f"{key}={settings.get(key)!r}: use another --out, or delete the file and "
                 f"{self.settings_path.name} to redo it")
+        if self.path.is_file():
+            # An interrupted write leaves a line without its newline: cut it, so that the next
+            # append starts on a line of its own.
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                self.path.write_bytes(data[:data.rfind(b"\n") + 1])
         return {str(r["sample_id"]) for r in self.records()}
 
     def append(self, records: Sequence[dict[str, Any]]) -> None:
