@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ import pytest
 import yaml
 
 from lookm_vllm.core import CompressionConfig
+from lookm_vllm.testing.server_process import free_port
 from lookm_vllm.vllm_adapter import options
 from server.cli import ENV_FALLBACKS
 
@@ -309,7 +309,7 @@ def test_healthcheck_probes_the_health_path(image: Dockerfile, status, healthy):
     argv = image.healthcheck_argv
     assert argv[0] == "python3"
     server = _serve(status) if status else None
-    port = server.server_address[1] if server else _free_port()
+    port = server.server_address[1] if server else free_port()
     try:
         proc = subprocess.run([sys.executable, *argv[1:]], check=False, capture_output=True,
                               timeout=30, env=dict(os.environ, LOOKM_PORT=str(port)))
@@ -575,12 +575,6 @@ def test_engine_flags_come_only_from_options():
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, api_key: str | None = None) -> int:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -601,7 +595,7 @@ def test_cpu_image_command_line_serves_health(tmp_path):
     cpu = Dockerfile.load("Dockerfile.cpu")
     argv = cpu.argv
     argv[0] = str(Path(sys.executable).parent / argv[0])
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
     # The image's settings, minus its filesystem layout (PATH, HF_HOME point into the image).
     env.update({k: v for k, v in cpu.env.items() if k != "PATH" and not v.startswith("/")})

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +20,7 @@ import httpx
 import pytest
 
 from lookm_vllm.testing.images import image_to_bytes, image_to_data_url, test_images
+from lookm_vllm.testing.server_process import ServerProcess, free_port, vllm_api_server_cmd
 from lookm_vllm.testing.tiny_models import vllm_server_args
 from lookm_vllm.vllm_adapter import options
 
@@ -38,54 +35,6 @@ LOOKM = {"method": "lookm", "budget": 0.2}
 STARTUP_TIMEOUT_S = 300
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """A server subprocess in its own process group (its engine processes included)."""
-
-    def __init__(self, name: str, argv: list[str], port: int, log_dir: Path,
-                 env: dict[str, str]) -> None:
-        self.name, self.port = name, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_dir / f"{name}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **env}, start_new_session=True)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        pytest.fail(f"{self.name} not ready after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever of its group is left (engine core, workers)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def launched(tiny_llava_path, tmp_path_factory):
     """Start both servers at once (their startups overlap); tests wait for the one they use."""
@@ -95,18 +44,18 @@ def launched(tiny_llava_path, tmp_path_factory):
     lookm_port, stock_port = free_port(), free_port()
     servers = {
         "lookm": ServerProcess(
-            "lookm-serve",
             lookm_argv + ["--max-images", str(MAX_IMAGES), "--max-request-mb",
                           str(MAX_REQUEST_MB), "--disable-uvicorn-access-log"],
-            lookm_port, log_dir,
-            {"LOOKM_HOST": "127.0.0.1", "LOOKM_PORT": str(lookm_port), "LOOKM_API_KEY": API_KEY}),
+            lookm_port, log_path=log_dir / "lookm-serve.log", startup_timeout=STARTUP_TIMEOUT_S,
+            env={"LOOKM_HOST": "127.0.0.1", "LOOKM_PORT": str(lookm_port),
+                 "LOOKM_API_KEY": API_KEY}).launch(),
         "stock": ServerProcess(
-            "stock-vllm",
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-             *vllm_server_args(tiny_llava_path, kv_cache_gib=0.25),
-             "--kv-transfer-config", json.dumps(options.kv_transfer_config()),
-             "--host", "127.0.0.1", "--port", str(stock_port), "--disable-uvicorn-access-log"],
-            stock_port, log_dir, dict(options.ENGINE_ENV)),
+            vllm_api_server_cmd([
+                *vllm_server_args(tiny_llava_path, kv_cache_gib=0.25),
+                "--kv-transfer-config", json.dumps(options.kv_transfer_config()),
+                "--host", "127.0.0.1", "--port", str(stock_port), "--disable-uvicorn-access-log"]),
+            stock_port, log_path=log_dir / "stock-vllm.log", startup_timeout=STARTUP_TIMEOUT_S,
+            env=dict(options.ENGINE_ENV)).launch(),
     }
     try:
         yield servers

@@ -26,8 +26,9 @@ class ServerProcess:
     """``with ServerProcess([...cmd...], port) as server: server.url`` (log kept in a file)."""
 
     def __init__(self, cmd: list[str], port: int, *, env: dict[str, str] | None = None,
-                 log_path: str | os.PathLike | None = None, startup_timeout: float = 300.0):
-        self.cmd, self.port = cmd, port
+                 log_path: str | os.PathLike | None = None, startup_timeout: float = 300.0,
+                 cwd: str | os.PathLike | None = None):
+        self.cmd, self.port, self.cwd = cmd, port, cwd
         self.env = dict(os.environ, **(env or {}))
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/lookm-server-{port}.log")
         self.startup_timeout = startup_timeout
@@ -44,10 +45,20 @@ class ServerProcess:
             return ""
 
     def start(self) -> ServerProcess:
+        """Launch and wait until healthy."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting (several servers can then start side by side)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, cwd=self.cwd, start_new_session=True)
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        """Block until ``/health`` answers 200; raise with the log's tail if it never does."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -65,16 +76,23 @@ class ServerProcess:
                            f"{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM the server, then SIGKILL whatever is left of its process group (engine
+        core, workers)."""
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> ServerProcess:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc) -> None:
