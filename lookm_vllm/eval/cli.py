@@ -20,7 +20,7 @@ from typing import Any
 
 from .grid import DEFAULT_BUDGETS, DEFAULT_METHODS, DEFAULT_RECENT_SHARE, build_grid
 from .milebench import TaskFormatError
-from .runner import SettingsMismatch
+from .runner import DEFAULT_BATCH_SIZE, SettingsMismatch
 from .synthetic import TASKS as SYNTHETIC_TASKS
 
 
@@ -64,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tokens", type=int, default=512,
                      help="greedy output tokens per item (default 512, MileBench's)")
     run.add_argument("--limit", type=int, default=None, help="only the first N items per task")
-    run.add_argument("--batch-size", type=int, default=32,
-                     help="requests per engine call; predictions are saved after each")
+    run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                     help="requests per engine call; predictions are saved after each "
+                          f"(default {DEFAULT_BATCH_SIZE}; larger keeps a GPU busier)")
     run.add_argument("--max-context-tokens", type=int, default=None,
                      help="truncate instruction+context to N tokens MileBench's way "
                           "(LOOK-M/MileBench with LLaVA-1.5: 4096); default: no truncation")
@@ -136,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         return VllmBackend(kwargs)
 
     execute(plan, backend, batch_size=args.batch_size, progress=not args.no_progress)
-    table = report(args.out, [c.name for c in cells])
+    table = report(args.out, [c.name for c in cells], [t.name for t in tasks])
     print(format_table(table))
     print(f"wrote {args.out}/results.json, results.csv, scores.png")
     return 0

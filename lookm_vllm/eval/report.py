@@ -64,8 +64,10 @@ def _cell_files(out_dir: Path) -> list[tuple[str, str]]:
                   for p in root.glob("*/*.settings.json"))
 
 
-def collect(out_dir: str | Path, cells: Sequence[str] | None = None) -> list[CellResult]:
-    """Score every predictions file under ``out_dir`` (or only the named ``cells``)."""
+def collect(out_dir: str | Path, cells: Sequence[str] | None = None,
+            tasks: Sequence[str] | None = None) -> list[CellResult]:
+    """Score every predictions file under ``out_dir`` (or only those of ``cells`` x ``tasks``);
+    files without a complete record are left out."""
     out_dir = Path(out_dir)
     results: list[CellResult] = []
     reference: dict[str, dict[str, list[int]]] = {}
@@ -74,13 +76,15 @@ def collect(out_dir: str | Path, cells: Sequence[str] | None = None) -> list[Cel
             reference[task] = {str(r["sample_id"]): r["token_ids"]
                                for r in PredictionFile(out_dir, task, cell).records()}
     for task, cell in _cell_files(out_dir):
-        if cells is not None and cell not in cells:
+        if (cells is not None and cell not in cells) or (tasks is not None and task not in tasks):
             continue
         store = PredictionFile(out_dir, task, cell)
-        settings = store.settings()
+        settings, records = store.settings(), store.records()
+        if not records:
+            continue
         result = CellResult(task, cell, settings["method"], settings["budget"],
                             settings["metric"], settings["group"])
-        for record in store.records():
+        for record in records:
             result.scores.append(score(settings["metric"], record["prediction"],
                                        record["response"], record["choice_list"]))
             stats = record["kv_compression"]
@@ -221,15 +225,17 @@ def plot(table: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def report(out_dir: str | Path, cells: Sequence[str] | None = None) -> dict[str, Any]:
-    """Score, write ``results.json``/``results.csv``/``scores.png`` under ``out_dir``.
+def report(out_dir: str | Path, cells: Sequence[str] | None = None,
+           tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """Score, write ``results.json``/``results.csv``/``scores.png`` under ``out_dir`` (all
+    predictions there, or only those of ``cells`` x ``tasks``, rows in ``cells`` order).
 
     Raises
     ------
     FileNotFoundError
         When there are no predictions under ``out_dir``.
     """
-    results = collect(out_dir, cells)
+    results = collect(out_dir, cells, tasks)
     if not results:
         raise FileNotFoundError(f"{out_dir}: no predictions (expected predictions/<Task>/*.jsonl)")
     table = build_table(results, cells)

@@ -21,6 +21,8 @@ from .grid import Cell
 from .milebench import Sample, Task, prompt_segments, truncate_segments
 
 _PROBE = "\x00lookm-eval-probe\x00"
+# Requests per engine call; predictions are appended after each call.
+DEFAULT_BATCH_SIZE = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +256,8 @@ def _batches(items: Sequence[Request], size: int) -> Iterator[Sequence[Request]]
         yield items[start:start + size]
 
 
-def execute(plan: RunPlan, backend_factory: Callable[[int], Backend], *, batch_size: int = 32,
+def execute(plan: RunPlan, backend_factory: Callable[[int], Backend], *,
+            batch_size: int = DEFAULT_BATCH_SIZE,
             progress: bool = True) -> int:
     """Generate every pending item, appending after each batch; returns how many were generated.
 
