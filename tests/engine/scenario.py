@@ -6,7 +6,7 @@ in its own process: ``python -m tests.engine.scenario SPEC.json OUT.json``. The 
     {"model": "llava" | "qwen2vl", "image_tokens": 144, "lookm": true, "default": {...} | null,
      "engine": {...vllm_engine_kwargs overrides...}, "env": {...},
      "batches": [[{"images": [first, count], "question": str, "max_tokens": 16,
-                   "kv_compression": {...} | null, "prompt_prefix": str}, ...], ...]}
+                   "kv_compression": {...} | null, "n": 1, "temperature": 0.0, "seed": null}, ...], ...]}
 
 Each batch is one ``LLM.generate`` call (requests in a batch run concurrently). Outputs: token ids,
 prompt length and ``kv_transfer_params`` per request, and engine metrics after each batch.
@@ -54,15 +54,17 @@ def main(spec_path: str, out_path: str) -> None:
         for req in batch:
             first, count = req.get("images", [0, 2])
             prompt = chat_prompt(path, req.get("question", "What is in these pictures?"), count)
-            prompt = req.get("prompt_prefix", "") + prompt
             prompts.append({"prompt": prompt,
                             "multi_modal_data": {"image": photos[first:first + count]}})
             extra = ({"kv_compression": req["kv_compression"]}
                      if req.get("kv_compression") is not None else None)
-            params.append(SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 16),
+            params.append(SamplingParams(temperature=req.get("temperature", 0.0),
+                                         seed=req.get("seed"), n=req.get("n", 1),
+                                         max_tokens=req.get("max_tokens", 16),
                                          ignore_eos=True, extra_args=extra))
         outputs = llm.generate(prompts, params, use_tqdm=False)
         results.append([{"token_ids": list(o.outputs[0].token_ids),
+                         "all_token_ids": [list(c.token_ids) for c in o.outputs],
                          "prompt_token_ids": list(o.prompt_token_ids),
                          "kv_transfer_params": o.kv_transfer_params} for o in outputs])
         metrics.append({m.name: m.value for m in llm.get_metrics() if m.name in METRICS})
