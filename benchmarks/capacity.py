@@ -82,7 +82,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
 
     def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
             "mean": statistics.fmean(ordered)}
@@ -145,6 +145,7 @@ def request_body(work: Workload, urls: list[str], index: int, model: str,
 
 
 async def sample_metrics(client, url: str, samples: list[dict], stop: asyncio.Event) -> None:
+    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     while not stop.is_set():
@@ -156,7 +157,7 @@ async def sample_metrics(client, url: str, samples: list[dict], stop: asyncio.Ev
                     if s.name in SAMPLED or s.name.removesuffix("_total") in SAMPLED:
                         sample[s.name.removesuffix("_total")] = s.value
             samples.append(sample)
-        except Exception:  # a missed sample is not a failed benchmark
+        except httpx.HTTPError:  # a missed sample is not a failed benchmark
             pass
         await asyncio.sleep(0.1)
 

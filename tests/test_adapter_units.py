@@ -172,10 +172,10 @@ def test_plugin_is_registered_as_a_vllm_entry_point():
 
 
 def _config(**changes):
-    model = dict(is_encoder_decoder=False, use_mla=False, is_hybrid=False)
-    parallel = dict(pipeline_parallel_size=1, decode_context_parallel_size=1,
-                    prefill_context_parallel_size=1)
-    top = dict(speculative_config=None, use_v2_model_runner=False)
+    model = {"is_encoder_decoder": False, "use_mla": False, "is_hybrid": False}
+    parallel = {"pipeline_parallel_size": 1, "decode_context_parallel_size": 1,
+                    "prefill_context_parallel_size": 1}
+    top = {"speculative_config": None, "use_v2_model_runner": False}
     for key, value in changes.items():
         (model if key in model else parallel if key in parallel else top)[key] = value
     return SimpleNamespace(model_config=SimpleNamespace(**model),

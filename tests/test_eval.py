@@ -180,6 +180,15 @@ def test_malformed_task_file_names_file_and_field(tmp_path, mutate, field, probl
     assert problem in str(info.value)
 
 
+def test_metadata_spelling_and_numeric_answers_load(tmp_path):
+    def mutate(doc):
+        doc["metadata"] = doc.pop("meta_data")
+        doc["data"][0]["task_instance"]["choice_list"] = [1, 2]
+        doc["data"][0]["response"] = 2
+    task = load_task(_write_task(tmp_path, mutate))
+    assert task.samples[0].choice_list == ("1", "2") and task.samples[0].response == "2"
+
+
 def test_invalid_json_and_missing_image(tmp_path):
     path = _write_task(tmp_path, lambda d: None)
     assert len(load_task(path).samples) == 2

@@ -121,6 +121,12 @@ def find_task_files(paths: Iterable[str | Path]) -> list[Path]:
             found.extend(inner)
         else:
             raise FileNotFoundError(f"{path}: no such task file or folder")
+    found = list(dict.fromkeys(p.resolve() for p in found))
+    names = [p.stem for p in found]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ValueError(f"several task files named {', '.join(clash)}: predictions are kept per "
+                         "task name, give one of each")
     return found
 
 

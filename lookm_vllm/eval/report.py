@@ -101,6 +101,14 @@ def collect(out_dir: str | Path, cells: Sequence[str] | None = None,
     return results
 
 
+def _task_order(task: str) -> tuple[int, int, str]:
+    """MileBench's tasks in the order of its task table, then any other task by name."""
+    for g, tasks in enumerate(TASK_GROUPS.values()):
+        if task in tasks:
+            return g, tasks.index(task), task
+    return len(TASK_GROUPS), 0, task
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return fmean(values) if values else None
 
@@ -108,7 +116,7 @@ def _mean(values: Sequence[float]) -> float | None:
 def build_table(results: Sequence[CellResult],
                 cell_order: Sequence[str] | None = None) -> dict[str, Any]:
     """Rows = method/budget cells, columns = groups, tasks, Avg and the agreement columns."""
-    tasks = list(dict.fromkeys(sorted(r.task for r in results)))
+    tasks = sorted({r.task for r in results}, key=_task_order)
     groups_of = {r.task: r.group for r in results}
     groups = [g for g in TASK_GROUPS if any(groups_of[t] == g for t in tasks)]
     if cell_order is None:

@@ -1,8 +1,9 @@
 """Running the grid: chat-templated multi-image prompts, resumable predictions, the run loop.
 
-Predictions go to ``<out>/predictions/<Task>/<cell>.jsonl``, one JSON object per item, appended
-after every batch; next to each file, ``<cell>.settings.json`` records what produced it (model,
-decoding, truncation, compression config, metric). A rerun skips the items already in the file
+Predictions go to ``<out>/predictions/<Task>/<cell>.jsonl``, one JSON object per item (with its
+reference answer, so scoring needs only this file), appended after every batch; next to each
+file, ``<cell>.settings.json`` records what produced it (model, decoding, truncation, engine
+arguments, compression config, metric). A rerun skips the items already in the file
 (a torn last line from an interrupted write is ignored and that item regenerated) and refuses to
 mix settings: changing any of them needs a new ``--out`` (or deleting the files).
 """
@@ -242,7 +243,7 @@ def plan_run(tasks: Sequence[Task], cells: Sequence[Cell], builder: PromptBuilde
         for cell in cells:
             store = PredictionFile(plan.out_dir, task.name, cell.name)
             settings = {**plan.base_settings, "max_tokens": max_tokens, "task": task.name,
-                        "task_file": str(task.path), "metric": task.metric, "group": task.group,
+                        "metric": task.metric, "group": task.group,
                         "method": cell.method, "budget": cell.budget,
                         "compression": cell.request_config()}
             done = store.open_for(settings)

@@ -26,9 +26,8 @@ tensors through Triton's interpreter (slow; used by the CPU tests).
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 
 import torch
 from torch import Tensor

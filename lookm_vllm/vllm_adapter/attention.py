@@ -36,7 +36,7 @@ class LookMBuilderMixin:
             block_size = self.kv_cache_spec.block_size
             block_table, seq_lens = compacted_view(cm.block_table_tensor, cm.seq_lens, holed,
                                                    block_size)
-            changes = dict(block_table_tensor=block_table, seq_lens=seq_lens)
+            changes = {"block_table_tensor": block_table, "seq_lens": seq_lens}
             if cm.seq_lens_cpu_upper_bound is not None:
                 upper = cm.seq_lens_cpu_upper_bound.clone()
                 for row, holes in holed:

@@ -31,7 +31,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-
 from .options import EXTRA_ARGS_KEY, default_config, request_config
 from .plan import RequestPlan
 from .worker_state import STATE

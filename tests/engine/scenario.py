@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-
+from pathlib import Path
 
 # Engine metrics recorded after each batch (cumulative counters / current gauges).
 METRICS = ("vllm:kv_cache_usage_perc", "vllm:num_preemptions", "vllm:prefix_cache_hits",
@@ -33,7 +33,7 @@ def build_model(spec: dict) -> str:
 
 
 def main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     os.environ.update(spec.get("env", {}))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
