@@ -357,6 +357,19 @@ def _init_params(
                 p[suppress] = 0.0
 
 
+def _instantiate(model_cls, config, seed: int, special_ids, bos_eos_pad, **init) -> Any:
+    """A float32 model of ``model_cls`` with the deterministic, image-sensitive init."""
+    import torch
+
+    config.dtype = torch.float32
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    _init_params(model, seed, suppress_token_ids=special_ids, **init)
+    generation = model.generation_config
+    generation.bos_token_id, generation.eos_token_id, generation.pad_token_id = bos_eos_pad
+    return model
+
+
 def _save_model(model, out: Path, rename: list[tuple[str, str]] | None = None) -> None:
     """save_pretrained (float32 safetensors), then optionally rename keys (regex, replacement)."""
     model.save_pretrained(out)
@@ -453,7 +466,6 @@ def build_tiny_llava(
     }
 
     def build(out: Path) -> None:
-        import torch
         from transformers import (
             CLIPImageProcessor,
             CLIPVisionConfig,
@@ -510,21 +522,12 @@ def build_tiny_llava(
             image_seq_length=image_tokens,
             tie_word_embeddings=False,
         )
-        config.dtype = torch.float32
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-        _init_params(
-            model,
-            seed,
-            matrix_gain=matrix_gain,
-            embed_std=embed_std,
-            lm_head_gain=lm_head_gain,
+        model = _instantiate(
+            LlavaForConditionalGeneration, config, seed, tok.all_special_ids,
+            (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id),
+            matrix_gain=matrix_gain, embed_std=embed_std, lm_head_gain=lm_head_gain,
             qk_gain=qk_gain,
-            suppress_token_ids=tok.all_special_ids,
         )
-        model.generation_config.bos_token_id = tok.bos_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
         # transformers 5's save_pretrained writes the legacy LLaVA layout (language_model.model.*,
         # language_model.lm_head.*, multi_modal_projector.*) but the CLIP tower as
         # ``vision_tower.<...>``; vLLM 0.32's loader wants ``vision_tower.vision_model.<...>`` (the
@@ -621,7 +624,6 @@ def build_tiny_qwen2vl(
     }
 
     def build(out: Path) -> None:
-        import torch
         from transformers import (
             Qwen2VLConfig,
             Qwen2VLForConditionalGeneration,
@@ -676,21 +678,12 @@ def build_tiny_qwen2vl(
             vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=False,
         )
-        config.dtype = torch.float32
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
-        _init_params(
-            model,
-            seed,
-            matrix_gain=matrix_gain,
-            embed_std=embed_std,
-            lm_head_gain=lm_head_gain,
+        model = _instantiate(
+            Qwen2VLForConditionalGeneration, config, seed, tok.all_special_ids,
+            (ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]),
+            matrix_gain=matrix_gain, embed_std=embed_std, lm_head_gain=lm_head_gain,
             qk_gain=qk_gain,
-            suppress_token_ids=tok.all_special_ids,
         )
-        model.generation_config.bos_token_id = ids["<|endoftext|>"]
-        model.generation_config.eos_token_id = ids["<|im_end|>"]
-        model.generation_config.pad_token_id = ids["<|endoftext|>"]
         _save_model(model, out)
 
         image_processor = Qwen2VLImageProcessor(
