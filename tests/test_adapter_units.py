@@ -142,6 +142,8 @@ def test_admission_validation_messages():
     validate_extra_args({"kv_compression": '{"method": "none"}'}, enabled=False)
     with pytest.raises(VLLMValidationError, match="budget"):
         validate_extra_args({"kv_compression": {"budget": 1.5}}, enabled=True)
+    with pytest.raises(ValueError, match="budget"):  # offline callers catch a ValueError
+        validate_extra_args({"kv_compression": {"budget": "0.2x"}}, enabled=True)
     with pytest.raises(VLLMValidationError, match="method"):
         validate_extra_args({"kv_compression": '{"method": "nope"}'}, enabled=True)
     with pytest.raises(VLLMValidationError, match="recent_ratio"):

@@ -2,8 +2,8 @@
 
 Hooked onto ``InputProcessor._validate_params`` (vLLM's own per-request check, run in the
 front-end process before a request reaches the engine core), so a bad config fails that one
-request with ``VLLMValidationError`` (HTTP 400 in the OpenAI server, ``ValueError`` offline)
-and never reaches the engine loop.
+request with an error that is both a ``VLLMValidationError`` (HTTP 400 in the OpenAI server)
+and a ``ValueError`` (offline ``LLM``), and never reaches the engine loop.
 """
 
 from __future__ import annotations
@@ -13,20 +13,31 @@ import functools
 from .options import EXTRA_ARGS_KEY, lookm_enabled, request_config
 
 
-def validate_extra_args(extra_args: dict | None, enabled: bool) -> None:
-    """Raise ``VLLMValidationError`` for an invalid or unservable ``kv_compression`` entry."""
+@functools.cache
+def _error_class():
     from vllm.exceptions import VLLMValidationError
 
+    class KVCompressionConfigError(VLLMValidationError, ValueError):
+        """An invalid ``kv_compression`` request entry: a ``ValueError`` for offline callers,
+        a ``VLLMValidationError`` (HTTP 400) for vLLM's OpenAI server."""
+
+    return KVCompressionConfigError
+
+
+def validate_extra_args(extra_args: dict | None, enabled: bool) -> None:
+    """Raise ``KVCompressionConfigError`` (a ``ValueError`` and a ``VLLMValidationError``) for an
+    invalid or unservable ``kv_compression`` entry."""
+    error = _error_class()
     if not extra_args or extra_args.get(EXTRA_ARGS_KEY) is None:
         return
     value = extra_args[EXTRA_ARGS_KEY]
     try:
         config = request_config(extra_args, None)
     except (ValueError, TypeError) as exc:
-        raise VLLMValidationError(f"invalid {EXTRA_ARGS_KEY}: {exc}", parameter=EXTRA_ARGS_KEY,
-                                  value=value) from None
+        raise error(f"invalid {EXTRA_ARGS_KEY}: {exc}", parameter=EXTRA_ARGS_KEY,
+                    value=value) from None
     if config is not None and config.is_active and not enabled:
-        raise VLLMValidationError(
+        raise error(
             f"{EXTRA_ARGS_KEY} was requested but this engine was not started with LOOK-M "
             "(kv_transfer_config with kv_connector 'LookMConnector')",
             parameter=EXTRA_ARGS_KEY, value=value)
