@@ -40,11 +40,15 @@ def _paged(layout: str, num_blocks: int, heads: int, dim: int, generator):
     if layout == "cpu":
         cache = torch.randn(num_blocks, heads, BS, 2 * dim, generator=generator)
         return cache, CpuAttnLayout()
-    cache = torch.randn(2, num_blocks, BS, heads, dim, generator=generator)
-    return cache, FlashAttnLayout()
+    if layout == "flash":       # logical [blocks, heads, block, 2*dim], identity strides
+        cache = torch.randn(num_blocks, heads, BS, 2 * dim, generator=generator)
+        return cache, FlashAttnLayout()
+    # flash, block-position-major memory (vLLM's LBNHC): same logical shape, permuted strides
+    physical = torch.randn(num_blocks, BS, heads, 2 * dim, generator=generator)
+    return physical.transpose(1, 2), FlashAttnLayout()
 
 
-@pytest.mark.parametrize("layout", ["cpu", "flash"])
+@pytest.mark.parametrize("layout", ["cpu", "flash", "flash-nhd"])
 def test_layout_views_alias_the_backend_tensor(layout):
     g = torch.Generator().manual_seed(0)
     cache, adapter = _paged(layout, 6, 2, 16, g)
@@ -52,14 +56,15 @@ def test_layout_views_alias_the_backend_tensor(layout):
     assert keys.shape == values.shape == (6, 2, BS, 16)
     keys[3, 1, 5] = 1.5
     values[2, 0, 7] = -2.5
-    if layout == "flash":                   # FlashAttention NHD: [2, blocks, block, heads, dim]
-        assert (cache[0, 3, 5, 1] == 1.5).all() and (cache[1, 2, 7, 0] == -2.5).all()
-    else:                                   # CPU_ATTN: keys stored transposed per block
+    if layout == "cpu":                     # CPU_ATTN: keys stored transposed per block
         assert (cache.view(6, 2, -1)[3, 1, :BS * 16].view(16, BS)[:, 5] == 1.5).all()
         assert (cache[2, 0, 7, 16:] == -2.5).all()
+    else:                                   # what FlashAttentionImpl.forward reads
+        key_cache, value_cache = cache.transpose(1, 2).split(16, dim=-1)
+        assert (key_cache[3, 5, 1] == 1.5).all() and (value_cache[2, 7, 0] == -2.5).all()
 
 
-@pytest.mark.parametrize("layout", ["cpu", "flash"])
+@pytest.mark.parametrize("layout", ["cpu", "flash", "flash-nhd"])
 @pytest.mark.parametrize("merge", ["pivotal", "average", "none"])
 def test_compact_prompt_writes_compress_output_and_frees_whole_blocks(layout, merge):
     g = torch.Generator().manual_seed(1)

@@ -150,3 +150,18 @@ def test_placeholder_range_and_feature_fields():
     assert {"offset", "length", "is_embed"} <= pr
     spec = {f.name for f in dataclasses.fields(MultiModalFeatureSpec)}
     assert {"modality", "mm_position"} <= spec
+
+
+def test_flash_attention_layout_assumption():
+    """FlashAttnLayout: keys then values along the last axis of [blocks, heads, block, 2*d]."""
+    from vllm.v1.attention.backends import flash_attn
+
+    source = inspect.getsource(flash_attn.FlashAttentionImpl.forward)
+    assert "kv_cache.transpose(1, 2).split(self.head_size, dim=-1)" in source
+    assert params(flash_attn.FlashAttentionImpl.forward) == params(
+        __import__("vllm.v1.attention.backends.cpu_attn", fromlist=["x"])
+        .CPUAttentionBackendImpl.forward)
+    assert params(flash_attn.FlashAttentionMetadataBuilder.__init__) == [
+        "self", "kv_cache_spec", "layer_names", "vllm_config", "device"]
+    fields = {f.name for f in dataclasses.fields(flash_attn.FlashAttentionMetadata)}
+    assert {"block_table", "seq_lens", "query_start_loc"} <= fields

@@ -45,8 +45,12 @@ class CpuAttnLayout:
 
 
 class FlashAttnLayout:
-    """vLLM FLASH_ATTN (NHD): one tensor ``[2, num_blocks, block_size, Hkv, d]`` per layer."""
+    """vLLM 0.32 FLASH_ATTN: one tensor per layer, LOGICAL shape ``[num_blocks, Hkv, block_size,
+    2 * d]`` (its physical stride order may differ, e.g. block-position-major), keys in the first
+    ``d`` of the last axis, values in the second (``FlashAttentionImpl.forward`` splits it so).
+    Logical indexing makes the views right whatever the strides.
+    """
 
     def split(self, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
-        key_cache, value_cache = kv_cache.unbind(0)
-        return key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+        head_dim = kv_cache.shape[-1] // 2
+        return kv_cache[..., :head_dim], kv_cache[..., head_dim:]
