@@ -165,3 +165,14 @@ def test_flash_attention_layout_assumption():
         "self", "kv_cache_spec", "layer_names", "vllm_config", "device"]
     fields = {f.name for f in dataclasses.fields(flash_attn.FlashAttentionMetadata)}
     assert {"block_table", "seq_lens", "query_start_loc"} <= fields
+
+
+def test_worker_side_attention_check_names():
+    from vllm.config import CompilationConfig
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.attention.backend import AttentionType
+
+    assert "static_forward_context" in {f.name for f in dataclasses.fields(CompilationConfig)}
+    assert AttentionType.DECODER == "decoder"
+    assert "self.attn_type = attn_type" in inspect.getsource(Attention.__init__)
+    assert "self.impl" in inspect.getsource(Attention.__init__)

@@ -127,6 +127,22 @@ def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
                          + ", ".join(problems) + ".")
 
 
+def check_attention_backend(vllm_config: Any) -> None:
+    """Refuse to start when a decoder attention layer is not served by the LOOK-M wrappers
+    (e.g. CUDA picked FlashInfer or Triton attention): it would never be compressed."""
+    from vllm.model_executor.layers.attention import Attention
+
+    from .attention import LookMImplMixin
+
+    layers = vllm_config.compilation_config.static_forward_context
+    foreign = sorted({type(layer.impl).__name__ for layer in layers.values()
+                      if isinstance(layer, Attention) and layer.attn_type == "decoder"
+                      and not isinstance(layer.impl, LookMImplMixin)})
+    if foreign:
+        raise ValueError(f"LOOK-M supports the CPU_ATTN and FLASH_ATTN attention backends; this "
+                         f"engine uses {foreign} (on CUDA pass --attention-backend FLASH_ATTN).")
+
+
 class LookMConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -140,6 +156,7 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
         self._requests: dict[str, _SchedRequest] = {}
         self._drop: list[str] = []
         if role == KVConnectorRole.WORKER:
+            check_attention_backend(vllm_config)
             STATE.active = True
 
     # ---------------------------------------------------------------- no KV transfer at all
