@@ -115,6 +115,7 @@ def test_blocks_are_freed_while_running_and_nothing_leaks(runs, tiny_llava_path)
         assert stats["prompt_tokens"] == len(prompt)
         assert stats["kv_tokens_kept"] == len(prompt) - holes * BLOCK
         assert stats["method"] == "lookm" and stats["budget"] == MIXED[i]["kv_compression"]["budget"]
+        assert stats["compressed"] is True
     assert out["metrics"][-1]["vllm:kv_cache_usage_perc"] == 0.0
 
 

@@ -246,6 +246,7 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
             self._free_holes(req_id, result["holes"])
             free_after = self._kv_cache_manager.block_pool.get_num_free_blocks()
             state.stats = {
+                "compressed": True,
                 "method": state.plan.config.method,
                 "budget": state.plan.config.budget,
                 "prompt_tokens": result["prompt_tokens"],
@@ -274,7 +275,8 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
         if state is None:
             return False, None
         self._drop.append(request.request_id)
-        stats = state.stats or {"method": state.plan.config.method,
+        # Finished before its compression was reported (e.g. max_tokens=1): nothing was freed.
+        stats = state.stats or {"compressed": False, "method": state.plan.config.method,
                                 "budget": state.plan.config.budget,
                                 "prompt_tokens": state.plan.prompt_len,
                                 "kv_tokens_kept": state.plan.prompt_len,
