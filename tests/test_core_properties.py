@@ -17,6 +17,7 @@ from lookm_vllm.core import (
     selector_for,
 )
 
+from .core_reference import reference_scores
 from .test_core_reference import LAYOUTS, image_mask
 
 METHODS = ["lookm", "h2o", "snapkv", "streaming", "random"]
@@ -184,8 +185,11 @@ def test_query_blocks_do_not_change_scores(monkeypatch):
     queries = torch.randn(4, 80, 32, generator=generator)
     keys = torch.randn(2, 80, 32, generator=generator)
     whole = accumulated_attention(queries, keys)
-    monkeypatch.setattr(scoring_module, "_MAX_BLOCK_ELEMENTS", 4 * 80 * 3)  # 3 queries a block
+    # 3 queries a block (CPU tensors use the CPU block size), and with a query offset
+    monkeypatch.setattr(scoring_module, "_CPU_BLOCK_ELEMENTS", 4 * 80 * 3)
     torch.testing.assert_close(accumulated_attention(queries, keys), whole)
+    torch.testing.assert_close(accumulated_attention(queries[:, 50:], keys),
+                               reference_scores(queries[:, 50:], keys).float())
 
 
 def test_similarity_blocks_do_not_change_merges(monkeypatch):

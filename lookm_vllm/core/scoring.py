@@ -23,6 +23,7 @@ from .config import CompressionConfig
 # Upper bound on the elements of one [Hq, queries, keys] logits block: queries are processed in
 # chunks so a 16k-token prompt never materialises an L x L matrix (64 MiB per block in float32).
 _MAX_BLOCK_ELEMENTS = 1 << 24
+_CPU_BLOCK_ELEMENTS = 1 << 20
 
 SNAPKV_POOL_KERNEL = 5
 
@@ -103,7 +104,9 @@ class AttentionAccumulator:
         # [Hq, Lq, d] -> [Hkv, group, Lq, d]: consecutive query heads share a KV head.
         q = (queries.to(torch.float32) * scale).reshape(num_kv_heads, group, num_queries, head_dim)
         k = keys.to(torch.float32)
-        step = max(1, _MAX_BLOCK_ELEMENTS // (num_q_heads * num_keys))
+        # CPU caches favour small blocks (a 4 MiB block is ~2x faster than 64 MiB at L=4.6k).
+        block = _MAX_BLOCK_ELEMENTS if keys.is_cuda else _CPU_BLOCK_ELEMENTS
+        step = max(1, block // (num_q_heads * num_keys))
         for first in range(0, num_queries, step):
             last = min(first + step, num_queries)
             # Causality: nothing after the chunk's last query is ever seen, so cut the keys there.
@@ -111,9 +114,13 @@ class AttentionAccumulator:
             rows = group * (last - first)
             q_block = q[:, :, first:last].reshape(num_kv_heads, rows, head_dim)
             logits = torch.bmm(q_block, k[:, :seen].transpose(1, 2))
-            positions = torch.arange(query_start + first, query_start + last, device=device)
-            future = torch.arange(seen, device=device)[None, :] > positions[:, None]
-            logits.view(num_kv_heads, group, last - first, seen).masked_fill_(future, -math.inf)
+            # Only the keys at or after the block's first query can lie in its future: mask that
+            # diagonal band, not the whole block.
+            band = query_start + first
+            positions = torch.arange(band, query_start + last, device=device)
+            future = torch.arange(band, seen, device=device)[None, :] > positions[:, None]
+            logits.view(num_kv_heads, group, last - first, seen)[..., band:].masked_fill_(
+                future, -math.inf)
             # Softmax in place, and its row normalisation folded into the sum over rows (one
             # matmul with the reciprocal denominators): the block is never copied.
             probabilities = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
