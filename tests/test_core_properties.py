@@ -187,6 +187,7 @@ def test_query_blocks_do_not_change_scores(monkeypatch):
     whole = accumulated_attention(queries, keys)
     # 3 queries a block (CPU tensors use the CPU block size), and with a query offset
     monkeypatch.setattr(scoring_module, "_CPU_BLOCK_ELEMENTS", 4 * 80 * 3)
+    monkeypatch.setattr(scoring_module, "_CPU_MIN_ROWS", 1)
     torch.testing.assert_close(accumulated_attention(queries, keys), whole)
     torch.testing.assert_close(accumulated_attention(queries[:, 50:], keys),
                                reference_scores(queries[:, 50:], keys).float())
