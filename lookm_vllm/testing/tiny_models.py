@@ -686,28 +686,14 @@ def build_tiny_qwen2vl(
         )
         _save_model(model, out)
 
-        image_processor = Qwen2VLImageProcessor(
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            patch_size=14,
-            temporal_patch_size=2,
-            merge_size=2,
-            image_mean=_QWEN_MEAN,
-            image_std=_QWEN_STD,
-        )
-        video_processor = Qwen2VLVideoProcessor(
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            patch_size=14,
-            temporal_patch_size=2,
-            merge_size=2,
-            image_mean=_QWEN_MEAN,
-            image_std=_QWEN_STD,
-        )
+        # images and (unused, but required by transformers 5) videos share one pixel pipeline
+        pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14,
+                  "temporal_patch_size": 2, "merge_size": 2, "image_mean": _QWEN_MEAN,
+                  "image_std": _QWEN_STD}
         processor = Qwen2VLProcessor(
-            image_processor=image_processor,
+            image_processor=Qwen2VLImageProcessor(**pixels),
             tokenizer=tok,
-            video_processor=video_processor,
+            video_processor=Qwen2VLVideoProcessor(**pixels),
             chat_template=QWEN2VL_CHAT_TEMPLATE,
         )
         processor.save_pretrained(out)
