@@ -14,6 +14,7 @@ This module imports no vLLM.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from lookm_vllm.core import CompressionConfig
@@ -35,7 +36,13 @@ def kv_transfer_config(default: CompressionConfig | dict | str | None = None) ->
 
 
 def engine_kwargs(default: CompressionConfig | dict | str | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs`` that enable LOOK-M."""
+    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs`` that enable LOOK-M.
+
+    Also puts ``ENGINE_ENV`` into this process's environment (unless already set), which vLLM
+    reads when the engine is created: offline users need nothing else.
+    """
+    for name, value in ENGINE_ENV.items():
+        os.environ.setdefault(name, value)
     return {"kv_transfer_config": kv_transfer_config(default)}
 
 
