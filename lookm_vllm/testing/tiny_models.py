@@ -564,8 +564,8 @@ def build_tiny_llava(
 # Qwen2-VL
 # ---------------------------------------------------------------------------------------------
 
-_QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
+# Qwen2-VL normalises images with CLIP's statistics.
+_QWEN_MEAN, _QWEN_STD = _CLIP_MEAN, _CLIP_STD
 
 
 def build_tiny_qwen2vl(
