@@ -2,7 +2,8 @@
 
 One ``WorkerState`` per worker process (module global ``STATE``), fed by three vLLM hooks:
 - the runner hook records the request order of the step's batch (rows of the attention metadata);
-- the connector's ``bind_connector_metadata`` adds plans and drops finished/preempted requests;
+- the connector's ``handle_preemptions`` (the first hook of a step) adds plans and drops
+  finished/preempted requests;
 - the attention backend reads plans, accumulates scores, compresses, and records the holes.
 The connector's ``build_connector_worker_meta`` then ships the step's results to the scheduler.
 """
