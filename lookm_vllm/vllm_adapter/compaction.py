@@ -90,7 +90,6 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
     if not out.compressed:
         return Compaction(holes=[], num_kept=length)
 
-    num_heads = keys.shape[0]
     kept_evictable = evictable[out.kept]                          # [Hkv, K]
     # Slot of every kept row: its own slot, or its rank among the head's kept evictable rows
     # inside the packed region.
@@ -99,12 +98,9 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
     region = torch.tensor(evictable_blocks, device=keys.device, dtype=torch.long)
     packed = region[rank.clamp(min=0) // block_size] * block_size + rank.clamp(min=0) % block_size
     logical = torch.where(kept_evictable, packed, logical)
-    row = block_row.to(device=keys.device, dtype=torch.long)
-    phys_block = row[logical // block_size]
-    offset = logical % block_size
-    head = torch.arange(num_heads, device=keys.device)[:, None].expand_as(logical)
-    key_cache[phys_block, head, offset] = out.keys.to(key_cache.dtype)
-    value_cache[phys_block, head, offset] = out.values.to(value_cache.dtype)
+    index = _slot_index(block_row, logical, block_size)
+    key_cache[index] = out.keys.to(key_cache.dtype)
+    value_cache[index] = out.values.to(value_cache.dtype)
 
     kept_region_blocks = out.num_kept_evictable // block_size
     return Compaction(holes=evictable_blocks[kept_region_blocks:], num_kept=out.num_kept,
@@ -114,12 +110,17 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
 def read_slots(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, slots: Tensor
                ) -> tuple[Tensor, Tensor]:
     """Read ``[Hkv, K, d]`` keys and values back from logical ``slots`` ``[Hkv, K]``."""
-    block_size = key_cache.shape[2]
-    row = block_row.to(device=key_cache.device, dtype=torch.long)
-    phys_block = row[slots // block_size]
-    offset = slots % block_size
+    index = _slot_index(block_row, slots, key_cache.shape[2])
+    return key_cache[index], value_cache[index]
+
+
+def _slot_index(block_row: Tensor, slots: Tensor, block_size: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Advanced index ``(block, head, offset)`` into a ``[blocks, Hkv, block_size, d]`` view for
+    per-head logical ``slots`` ``[Hkv, K]`` of the request whose blocks are ``block_row``."""
+    row = block_row.to(device=slots.device, dtype=torch.long)
     head = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
-    return key_cache[phys_block, head, offset], value_cache[phys_block, head, offset]
+    return row[slots // block_size], head, slots % block_size
 
 
 def compacted_view(block_table: Tensor, seq_lens: Tensor, holed: list[tuple[int, list[int]]],
