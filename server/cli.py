@@ -5,6 +5,7 @@ plus LOOK-M's group (``--kv-compression``, the media policy, the request-size li
 arguments are parsed in two layers, the user's over lookm-serve's own:
 
     lookm-serve's:  [demo-model settings] [--allowed-media-domains ...] [--limit-mm-per-prompt ...]
+                    [--attention-backend FLASH_ATTN on CUDA, unless the user chose a backend]
                     options.engine_cli_args(<--kv-compression>)   # the engine option, ONE place
                     --middleware server.middleware.LookMMiddleware  # validation, usage, metrics
     the user's:     everything on the command line (wins; --middleware appends)
@@ -140,6 +141,12 @@ def _demo_model_args(max_images: int | None) -> list[str]:
     return ["--model", str(path)]
 
 
+def _serves_on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The complete vLLM server arguments of ``lookm-serve argv``."""
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
@@ -160,6 +167,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if given.allowed_image_domains:
         domains = sorted(set(given.allowed_media_domains or ()) | set(given.allowed_image_domains))
         ours += ["--allowed-media-domains", *domains]
+    # LOOK-M wraps FLASH_ATTN on CUDA; vLLM would pick FlashInfer on some GPUs (e.g. SM100) and
+    # the engine would be refused. A backend the user chose (flag or attention config) wins.
+    if (_serves_on_cuda() and given.attention_backend is None
+            and getattr(given.attention_config, "backend", None) is None):
+        ours += ["--attention-backend", "FLASH_ATTN"]
     if (given.max_images is not None and not given.limit_mm_per_prompt
             and "--limit-mm-per-prompt" not in ours):
         ours += ["--limit-mm-per-prompt", json.dumps({"image": given.max_images})]

@@ -28,11 +28,11 @@ def take_stats(kv_transfer_params: Any) -> tuple[dict[str, Any] | None, dict[str
 def report(stats: dict[str, Any]) -> dict[str, Any]:
     """Count one finished request in the metrics; return its ``usage.kv_compression``.
 
-    Called exactly once per request (when its final output arrives). Stats without timings are
-    the connector's summary of a request that finished before it was compressed: reported to the
-    client, not counted as a compression.
+    Called exactly once per request (when its final output arrives). Stats with
+    ``compressed: false`` are the connector's summary of a request that finished before it was
+    compressed: reported to the client, not counted as a compression.
     """
-    if "compression_ms" in stats:
+    if stats.get("compressed"):
         metrics.observe(stats)
     return {key: stats[key] for key in USAGE_FIELDS}
 

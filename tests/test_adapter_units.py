@@ -9,6 +9,7 @@ import torch
 
 from lookm_vllm.core import CompressionConfig, compress
 from lookm_vllm.vllm_adapter.compaction import (
+    HoleMap,
     compact_prompt,
     compacted_view,
     gather_prompt,
@@ -91,8 +92,9 @@ def test_compact_prompt_writes_compress_output_and_frees_whole_blocks(layout, me
     assert torch.equal(result.slots[fixed], result.kept[fixed])
     assert not set((result.slots // BS).flatten().tolist()) & set(result.holes)
     # the compacted read view holds exactly the kept entries (in some order) per head
-    table, seq_lens = compacted_view(row[None], torch.tensor([prompt_len]), [(0, result.holes)],
-                                     BS)
+    lens = torch.tensor([prompt_len])
+    table, seq_lens, _ = compacted_view(row[None], lens, lens, [(0, HoleMap.from_holes(
+        result.holes))], BS)
     assert seq_lens.item() == result.num_kept
     view_k, _ = gather_prompt(key_cache, value_cache, table[0], result.num_kept)
     for h in range(heads):
@@ -116,11 +118,68 @@ def test_nothing_to_free_leaves_the_cache_alone():
 def test_compacted_view_does_not_touch_runner_buffers():
     table = torch.arange(24).view(2, 12)
     seq_lens = torch.tensor([90, 40])
-    new_table, new_lens = compacted_view(table, seq_lens, [(0, [2, 3, 7])], BS)
+    new_table, new_lens, new_cpu = compacted_view(table, seq_lens, seq_lens.clone(),
+                                                  [(0, HoleMap.from_holes([2, 3, 7]))], BS)
     assert torch.equal(table, torch.arange(24).view(2, 12))
-    assert new_lens.tolist() == [90 - 3 * BS, 40]
+    assert new_lens.tolist() == new_cpu.tolist() == [90 - 3 * BS, 40]
     assert new_table[0, :9].tolist() == [0, 1, 4, 5, 6, 8, 9, 10, 11]
     assert torch.equal(new_table[1], table[1])
+
+
+def reference_view(table, seq_lens, holed, block_size):
+    """The compacted view written the obvious way: per row, drop the hole columns."""
+    table, seq_lens = table.clone(), seq_lens.clone()
+    for row, holes in holed:
+        num_blocks = -(-int(seq_lens[row]) // block_size)
+        keep = [c for c in range(num_blocks) if c not in holes]
+        table[row, :len(keep)] = table[row, keep]
+        seq_lens[row] -= len(holes) * block_size
+    return table, seq_lens
+
+
+def test_compacted_view_matches_the_per_row_reference_and_reuses_its_buffers():
+    g = torch.Generator().manual_seed(3)
+    rows, width = 9, 40
+    table = torch.randint(1, 1000, (rows, width), generator=g, dtype=torch.int32)
+    seq_lens = torch.randint(1, width * BS, (rows,), generator=g, dtype=torch.int32)
+    holed = []
+    for row in (0, 3, 4, 8):
+        blocks = int(seq_lens[row]) // BS
+        holes = sorted(torch.randperm(max(blocks - 1, 1), generator=g)[:blocks // 2].tolist())
+        if holes:
+            holed.append((row, holes))
+    expected_table, expected_lens = reference_view(table, seq_lens, holed, BS)
+    buffers = (torch.full((16, width), -1, dtype=torch.int32),
+               torch.full((16,), -1, dtype=torch.int32))
+    got_table, got_lens, got_cpu = compacted_view(
+        table, seq_lens, seq_lens.clone(), [(r, HoleMap.from_holes(h)) for r, h in holed], BS,
+        out=buffers)
+    assert got_table.data_ptr() == buffers[0].data_ptr()          # built in the buffers
+    assert torch.equal(got_lens, expected_lens) and torch.equal(got_cpu, expected_lens)
+    for row in range(rows):  # every column a kernel may read: up to the row's (new) length
+        used = -(-int(expected_lens[row]) // BS)
+        assert torch.equal(got_table[row, :used], expected_table[row, :used]), row
+
+
+def test_compacted_view_never_reads_the_device_batch():
+    """Everything it needs to know comes from the CPU copies: with the device tensors on the
+    ``meta`` device (which hold no values), the view still builds. Reading a device value (a
+    device-to-host sync on CUDA, e.g. ``int(seq_lens[row])``) would raise here."""
+    table = torch.empty(4, 12, dtype=torch.int32, device="meta")
+    seq_lens = torch.empty(4, dtype=torch.int32, device="meta")
+    lens_cpu = torch.tensor([90, 40, 70, 9], dtype=torch.int32)
+    new_table, new_lens, new_cpu = compacted_view(
+        table, seq_lens, lens_cpu, [(0, HoleMap.from_holes([2, 3, 7])),
+                                    (2, HoleMap.from_holes([1]))], BS)
+    assert new_table.shape == (4, 12) and new_lens.shape == (4,)
+    assert new_cpu.tolist() == [90 - 3 * BS, 40, 70 - BS, 9]
+
+
+def test_hole_map_live_columns():
+    holes = HoleMap.from_holes([5, 2, 3])
+    assert holes.holes == (2, 3, 5)
+    assert holes.live_columns(9).tolist() == [0, 1, 4, 6, 7, 8]
+    assert HoleMap.from_holes([]).live_columns(3).tolist() == [0, 1, 2]
 
 
 def test_image_spans_follow_is_embed_masks():
@@ -224,3 +283,97 @@ def test_only_one_full_attention_kv_group_is_supported():
     for bad in (groups(SlidingWindowSpec), groups(FullAttentionSpec, SlidingWindowSpec)):
         with pytest.raises(ValueError, match="one full-attention group"):
             check_supported(_config(), bad)
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"use_ubatching": True}, "micro-batching"),
+    ({"cache_dtype": "fp8"}, "--kv-cache-dtype fp8"),
+    ({"cache_dtype": "fp8_e5m2"}, "quantized KV cache"),
+])
+def test_engine_wide_setups_refused_by_the_connector(change, words):
+    from lookm_vllm.vllm_adapter.connector import check_supported
+
+    config = _config()
+    config.cache_config = SimpleNamespace(cache_dtype=change.get("cache_dtype", "auto"))
+    config.parallel_config.use_ubatching = change.get("use_ubatching", False)
+    check_supported(_config(), None)
+    with pytest.raises(ValueError, match=words):
+        check_supported(config, None)
+
+
+# ------------------------------------------------------------------ CUDA graphs, worker checks
+def _compilation(mode: str, fuse_attn_quant: bool = False, splitting_ops=None):
+    """A real CompilationConfig taken through vLLM's own passes, as an engine start does: the
+    connector's PIECEWISE override first (``requires_piecewise_for_cudagraph``), then the
+    splitting-op setup that attention+quant fusion turns back into FULL graphs."""
+    from vllm.config import CompilationConfig, CUDAGraphMode
+    from vllm.config.compilation import CompilationMode, PassConfig
+
+    config = CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
+                               cudagraph_mode=CUDAGraphMode[mode], splitting_ops=splitting_ops,
+                               pass_config=PassConfig(fuse_attn_quant=fuse_attn_quant))
+    if config.cudagraph_mode.has_full_cudagraphs():
+        config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    config.set_splitting_ops_for_v1("allgather_reducescatter")
+    return config
+
+
+def _worker_config(compilation=None, block_size=32, ubatching=False):
+    from vllm.config import CompilationConfig
+
+    return SimpleNamespace(
+        compilation_config=compilation or CompilationConfig(),
+        parallel_config=SimpleNamespace(use_ubatching=ubatching),
+        cache_config=SimpleNamespace(block_size=block_size),
+        kv_transfer_config=SimpleNamespace(kv_connector="LookMConnector"))
+
+
+def _spec(block_size=32, dtype=torch.float16):
+    return SimpleNamespace(block_size=block_size, dtype=dtype)
+
+
+def test_lookm_builders_declare_no_cuda_graph_support():
+    """With LOOK-M on, vLLM's own cudagraph resolution sees NEVER and keeps attention eager;
+    without it the wrapped builders report what vLLM's do."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    from lookm_vllm.vllm_adapter.backends.cpu_attn import LookMCPUAttentionBuilder
+    from lookm_vllm.vllm_adapter.backends.flash_attn import LookMFlashAttentionBuilder
+
+    on, off = _worker_config(), SimpleNamespace(kv_transfer_config=None)
+    for builder in (LookMFlashAttentionBuilder, LookMCPUAttentionBuilder):
+        assert builder.get_cudagraph_support(on, _spec()) == AttentionCGSupport.NEVER
+    assert (LookMFlashAttentionBuilder.get_cudagraph_support(off, _spec())
+            == FlashAttentionMetadataBuilder.get_cudagraph_support(off, _spec()))
+    # the default mode: the connector's PIECEWISE survives vLLM's resolution
+    config = _compilation("FULL_AND_PIECEWISE")
+    assert config.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.NEVER, "LookM").name == \
+        "PIECEWISE"
+    # attention+quant fusion switched back to FULL after the connector: vLLM refuses to start
+    fused = _compilation("FULL_AND_PIECEWISE", fuse_attn_quant=True)
+    assert fused.cudagraph_mode.name == "FULL"
+    with pytest.raises(ValueError, match="FULL is not supported"):
+        fused.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.NEVER, "LookM")
+
+
+@pytest.mark.parametrize("setup,words", [
+    (dict(compilation=("FULL_AND_PIECEWISE", True)), "full CUDA graphs"),
+    (dict(compilation=("PIECEWISE", False, ["vllm::unified_kv_cache_update"])),
+     "capture attention"),
+    (dict(ubatching=True), "micro-batching"),
+    (dict(kernel_block_size=16), "--block-size 16"),
+    (dict(dtype=torch.uint8), "quantized caches"),
+])
+def test_worker_refuses_setups_that_would_bypass_the_compacted_view(setup, words):
+    from vllm.config import CompilationConfig
+
+    from lookm_vllm.vllm_adapter.attention import check_engine_setup
+
+    check_engine_setup(_worker_config(_compilation("FULL_AND_PIECEWISE")), _spec())
+    check_engine_setup(_worker_config(CompilationConfig()), _spec(dtype=torch.bfloat16))
+    compilation = _compilation(*setup["compilation"]) if "compilation" in setup else None
+    config = _worker_config(compilation, ubatching=setup.get("ubatching", False))
+    spec = _spec(setup.get("kernel_block_size", 32), setup.get("dtype", torch.float16))
+    with pytest.raises(ValueError, match=words):
+        check_engine_setup(config, spec)

@@ -210,7 +210,7 @@ def test_policy_from_args():
 
 
 # ------------------------------------------------------------------------------ responses
-STATS = {"method": "lookm", "budget": 0.2, "prompt_tokens": 460, "kv_tokens_kept": 204,
+STATS = {"compressed": True, "method": "lookm", "budget": 0.2, "prompt_tokens": 460, "kv_tokens_kept": 204,
          "kv_blocks_freed": 8, "pool_free_blocks_before": 1, "pool_free_blocks_after": 9,
          "scoring_ms": 50.0, "compression_ms": 120.0}
 USAGE = {"method": "lookm", "budget": 0.2, "prompt_tokens": 460, "kv_tokens_kept": 204,
@@ -400,3 +400,22 @@ def test_cli_refuses_bad_settings(argv, words, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert words in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, backend", [
+    ([], "FLASH_ATTN"),                                            # lookm-serve's choice
+    (["--attention-backend", "TRITON_ATTN"], "TRITON_ATTN"),       # the user's flag wins
+    (["-ac.backend=FLASHINFER"], "FLASHINFER"),                    # ... or attention config
+])
+def test_cli_picks_flash_attention_on_cuda(monkeypatch, argv, backend):
+    """On CUDA lookm-serve asks for FLASH_ATTN (which LOOK-M wraps) unless the user chose a
+    backend; vLLM itself would pick FlashInfer on some GPUs and the engine would be refused."""
+    from server import cli
+
+    monkeypatch.setattr(cli, "_serves_on_cuda", lambda: True)
+    args = cli.parse_args(["--model", "/m"] + argv)
+    chosen = args.attention_backend or args.attention_config.backend
+    assert getattr(chosen, "name", chosen) == backend
+    assert not (args.attention_backend and args.attention_config.backend)  # vLLM: exclusive
+    monkeypatch.setattr(cli, "_serves_on_cuda", lambda: False)
+    assert cli.parse_args(["--model", "/m"]).attention_backend is None  # CPU: vLLM's choice

@@ -176,3 +176,103 @@ def test_worker_side_attention_check_names():
     assert AttentionType.DECODER == "decoder"
     assert "self.attn_type = attn_type" in inspect.getsource(Attention.__init__)
     assert "self.impl" in inspect.getsource(Attention.__init__)
+
+
+def _cuda_platform_function(name: str):
+    """A module-level function of ``vllm/platforms/cuda.py``, compiled from vLLM's own source.
+
+    That module cannot be imported without CUDA (it loads ``vllm._C_stable_libtorch``), but the
+    functions used here are plain Python over vLLM's backend classes."""
+    import ast
+    import importlib.util
+
+    path = importlib.util.find_spec("vllm.platforms").submodule_search_locations[0] + "/cuda.py"
+    tree = ast.parse(open(path).read())
+    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    assert len(nodes) == 1, f"vllm/platforms/cuda.py no longer defines {name}"
+    namespace: dict = {}
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), path, "exec"), namespace)
+    return namespace[name], open(path).read()
+
+
+def test_cuda_platform_names_and_reimports_our_backends():
+    """vLLM's CUDA selector returns ``_backend_cls_path(backend_class)`` and the attention layer
+    imports that string with ``resolve_obj_by_qualname``: for every wrapped backend it must be
+    the very class registered (a class created inside a function would not import)."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from lookm_vllm.vllm_adapter.backends import BACKENDS
+
+    backend_cls_path, source = _cuda_platform_function("_backend_cls_path")
+    selector = source[source.index("def get_attn_backend_cls"):]
+    assert "return _backend_cls_path(backend_class)" in selector
+    assert "return _backend_cls_path(selected_backend_class)" in selector
+    for backend in BACKENDS:
+        enum = AttentionBackendEnum[backend.name]
+        try:
+            register_backend(enum, backend.class_path)
+            registered = enum.get_class()          # how vLLM loads the registered path
+            name = backend_cls_path(registered)    # how the CUDA platform names it
+            assert name == backend.class_path
+            assert resolve_obj_by_qualname(name) is registered
+            assert registered.get_impl_cls().__qualname__.isidentifier()
+            assert registered.get_builder_cls().__qualname__.isidentifier()
+        finally:
+            enum.clear_override()
+
+
+def test_gpu_runner_hook_points():
+    """The GPU (V1) runner and the front end call what the plugin hooks, as on CPU."""
+    from vllm.v1.worker import gpu_model_runner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert params(GPUModelRunner._build_attention_metadata)[:3] == ["self", "num_tokens",
+                                                                    "num_reqs"]
+    build = inspect.getsource(GPUModelRunner._build_attention_metadata)
+    # rows follow input_batch order; the CPU lengths are exact without spec decoding
+    assert "seq_lens_cpu_upper_bound = self.optimistic_seq_lens_cpu" in build
+    assert "query_start_loc_cpu=self.query_start_loc.cpu" in build
+    assert "builder.update_block_table(" in build     # only with >1 KV cache group (refused)
+    # the final cudagraph mode is resolved from the builders' support BEFORE they are built
+    init_backend = inspect.getsource(GPUModelRunner.initialize_attn_backend)
+    assert "builder_cls.get_cudagraph_support(" in inspect.getsource(
+        GPUModelRunner._check_and_update_cudagraph_mode)
+    assert "_check_and_update_cudagraph_mode(" in init_backend
+    init_kv = inspect.getsource(GPUModelRunner.initialize_kv_cache)
+    assert init_kv.index("initialize_attn_backend(") < init_kv.index(
+        "initialize_metadata_builders(")
+    # preserved: the runner splits metadata per micro-batch (refused)
+    assert "split_attn_metadata(ubatch_slices" in build
+    assert hasattr(gpu_model_runner, "GPUModelRunner")
+    from vllm.config import ParallelConfig
+
+    assert isinstance(inspect.getattr_static(ParallelConfig, "use_ubatching"), property)
+
+
+def test_cudagraph_names():
+    from vllm.config import CompilationConfig, CUDAGraphMode
+    from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder
+
+    assert params(AttentionMetadataBuilder.get_cudagraph_support) == [
+        "vllm_config", "kv_cache_spec"]
+    assert AttentionCGSupport.NEVER.value == 0
+    for name in ("has_full_cudagraphs", "has_piecewise_cudagraphs"):
+        assert callable(getattr(CUDAGraphMode, name))
+    assert callable(CompilationConfig.splitting_ops_contain_attention)
+
+
+def test_quantized_cache_names():
+    """LOOK-M serves exactly the plain-number cache dtypes of vLLM; every quantized one
+    (fp8*, nvfp4, int*, turboquant ...) is refused at start."""
+    import typing
+
+    from vllm.config.cache import CacheDType
+    from vllm.utils.torch_utils import is_quantized_kv_cache
+
+    from lookm_vllm.vllm_adapter.connector import UNQUANTIZED_CACHE_DTYPES
+
+    names = typing.get_args(CacheDType)
+    assert set(UNQUANTIZED_CACHE_DTYPES) == {"auto", "float16", "bfloat16"} <= set(names)
+    assert not any(is_quantized_kv_cache(name) for name in UNQUANTIZED_CACHE_DTYPES)
+    assert {"fp8", "fp8_e4m3", "fp8_e5m2"} <= {n for n in names if is_quantized_kv_cache(n)}

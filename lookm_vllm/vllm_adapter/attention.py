@@ -1,47 +1,114 @@
-"""Attention-backend wrappers: the compacted read view (builder) and the scoring/compression hook
-(impl). Layout knowledge lives in ``kv_layout``; everything else is shared.
+"""What the LOOK-M attention-backend wrappers add to vLLM's backends, shared by all of them:
+the compacted read view and the start-time checks (builder), and the scoring/compression hook
+(impl). The wrapper classes themselves are in ``backends/`` (one module per vLLM backend, see
+``backends.BACKENDS``); layout knowledge lives in ``kv_layout``.
 
-They are registered over vLLM's CPU_ATTN (and FLASH_ATTN on CUDA) by ``plugin.register`` but stay
-exact pass-throughs unless the LOOK-M connector is configured for the engine
-(``lookm_enabled``), decided once when vLLM builds them.
+The wrappers are registered over vLLM's backends by ``plugin.register`` but stay exact
+pass-throughs unless the LOOK-M connector is configured for the engine (``lookm_enabled``),
+decided once when vLLM builds them.
+
+Invariants relied on (each checked at start or by a contract test):
+- attention runs EAGERLY every step: Python in ``build`` and ``forward`` must run per step, and
+  the compacted view is a new tensor per step. So no full CUDA graphs, and piecewise graphs only
+  with attention as a splitting op (``check_engine_setup``); the builder declares
+  ``AttentionCGSupport.NEVER`` so vLLM's own resolution picks PIECEWISE (or NONE) by itself.
+- the metadata rows are the runner's batch rows (no micro-batching, which renumbers them) and
+  the block table is in the KV manager's blocks (kernel block size == manager block size), so
+  the holes the scheduler frees are the columns the view removes.
+- the CPU sequence lengths (``seq_lens_cpu_upper_bound``) are exact: no speculative decoding.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import cache
 
 import torch
 
 from .compaction import compacted_view
-from .kv_layout import CpuAttnLayout, FlashAttnLayout, KVLayout
+from .kv_layout import KVLayout
 from .options import lookm_enabled
 from .worker_state import STATE
+
+# KV-cache element types LOOK-M reads and writes as numbers. Quantized caches (fp8: uint8 codes
+# with per-layer scales) would be scored and merged as raw codes: refused until supported.
+UNQUANTIZED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_engine_setup(vllm_config, kv_cache_spec) -> None:
+    """Refuse, when a worker builds its attention metadata builders (the cudagraph mode is final
+    by then), engine setups in which the compacted view would be ignored or misplaced."""
+    problems = []
+    compilation = vllm_config.compilation_config
+    mode = compilation.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        problems.append(f"full CUDA graphs (cudagraph_mode={mode.name}; replayed graphs read "
+                        "the runner's block table, not the compacted one: use "
+                        "-cc.cudagraph_mode=PIECEWISE, and no attention+quant fusion)")
+    elif (mode is not None and mode.has_piecewise_cudagraphs()
+          and not compilation.splitting_ops_contain_attention()):
+        problems.append("CUDA graphs that capture attention (attention must be a splitting op "
+                        "of the piecewise graphs)")
+    if vllm_config.parallel_config.use_ubatching:
+        problems.append("micro-batching (--enable-dbo / ubatch_size > 1 renumbers the batch rows)")
+    manager_block_size = vllm_config.cache_config.block_size
+    if kv_cache_spec.block_size != manager_block_size:
+        problems.append(f"an attention kernel block size ({kv_cache_spec.block_size}) other "
+                        f"than the KV cache block size ({manager_block_size}); pass "
+                        f"--block-size {kv_cache_spec.block_size}")
+    if kv_cache_spec.dtype not in UNQUANTIZED_CACHE_DTYPES:
+        problems.append(f"a {kv_cache_spec.dtype} KV cache (quantized caches such as fp8 are not "
+                        "supported yet)")
+    if problems:
+        raise ValueError("LOOK-M KV compression (LookMConnector) does not support "
+                         + "; ".join(problems) + ".")
 
 
 class LookMBuilderMixin:
     """Adds the compacted view of compressed requests and this step's scoring work."""
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._lookm_enabled = lookm_enabled(vllm_config)
+        self._lookm_view_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self._lookm_enabled:
+            check_engine_setup(vllm_config, kv_cache_spec)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        from vllm.v1.attention.backend import AttentionCGSupport
+
+        if lookm_enabled(vllm_config):  # Python runs per step: attention stays out of graphs
+            return AttentionCGSupport.NEVER
+        return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+
+    def _view_buffers(self, block_table: torch.Tensor, seq_lens: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Persistent device buffers for the compacted view (grown, rarely, to the batch)."""
+        buffers = self._lookm_view_buffers
+        rows, width = block_table.shape
+        if buffers is None or buffers[0].shape[0] < rows or buffers[0].shape[1] != width:
+            buffers = self._lookm_view_buffers = (
+                torch.empty((max(rows, 1), width), dtype=block_table.dtype,
+                            device=block_table.device),
+                torch.empty(max(rows, 1), dtype=seq_lens.dtype, device=seq_lens.device))
+        return buffers
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        enabled = getattr(self, "_lookm_enabled", None)
-        if enabled is None:
-            enabled = self._lookm_enabled = lookm_enabled(self.vllm_config)
-        if not enabled or not STATE.requests:
+        if not self._lookm_enabled or not STATE.requests:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
-        seq_lens_cpu = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
-                        else cm.seq_lens.cpu())
+        seq_lens_cpu = cm.seq_lens_cpu_upper_bound
+        if seq_lens_cpu is None:  # not on the V1 runner's path; never expected
+            seq_lens_cpu = cm.seq_lens.cpu()
         work, holed = STATE.rows(cm.num_reqs, cm.query_start_loc_cpu, seq_lens_cpu)
         if holed:
-            block_size = self.kv_cache_spec.block_size
-            block_table, seq_lens = compacted_view(cm.block_table_tensor, cm.seq_lens, holed,
-                                                   block_size)
+            block_table, seq_lens, lens_cpu = compacted_view(
+                cm.block_table_tensor, cm.seq_lens, seq_lens_cpu, holed,
+                self.kv_cache_spec.block_size,
+                out=self._view_buffers(cm.block_table_tensor, cm.seq_lens))
             changes = {"block_table_tensor": block_table, "seq_lens": seq_lens}
             if cm.seq_lens_cpu_upper_bound is not None:
-                upper = cm.seq_lens_cpu_upper_bound.clone()
-                for row, holes in holed:
-                    upper[row] -= len(holes) * block_size
-                changes["seq_lens_cpu_upper_bound"] = upper
+                changes["seq_lens_cpu_upper_bound"] = lens_cpu
             cm = replace(cm, **changes)
         metadata = super().build(common_prefix_len, cm, fast_build)
         metadata.lookm_work = work
@@ -63,71 +130,3 @@ class LookMImplMixin:
                 STATE.process_layer(layer.layer_name, work, query, output, kv_cache,
                                     attn_metadata.block_table, self.layout, self.scale)
         return result
-
-
-@cache
-def _cpu_classes():
-    from vllm.v1.attention.backends.cpu_attn import (
-        CPUAttentionBackend,
-        CPUAttentionBackendImpl,
-        CPUAttentionMetadataBuilder,
-    )
-
-    class LookMCPUAttentionBuilder(LookMBuilderMixin, CPUAttentionMetadataBuilder):
-        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-            if lookm_enabled(vllm_config) and self.isa not in CpuAttnLayout.SUPPORTED_ISAS:
-                raise ValueError(
-                    f"LOOK-M does not support the CPU attention kernel '{self.isa}' (its paged "
-                    f"key layout is not known); use dtype float32/float16, or a CPU without "
-                    f"AMX for bfloat16. Supported: {CpuAttnLayout.SUPPORTED_ISAS}")
-
-    class LookMCPUAttentionImpl(LookMImplMixin, CPUAttentionBackendImpl):
-        layout = CpuAttnLayout()
-
-    class LookMCPUAttentionBackend(CPUAttentionBackend):
-        @staticmethod
-        def get_impl_cls():
-            return LookMCPUAttentionImpl
-
-        @staticmethod
-        def get_builder_cls():
-            return LookMCPUAttentionBuilder
-
-    return LookMCPUAttentionBackend
-
-
-@cache
-def _flash_classes():
-    from vllm.v1.attention.backends.flash_attn import (
-        FlashAttentionBackend,
-        FlashAttentionImpl,
-        FlashAttentionMetadataBuilder,
-    )
-
-    class LookMFlashAttentionBuilder(LookMBuilderMixin, FlashAttentionMetadataBuilder):
-        pass
-
-    class LookMFlashAttentionImpl(LookMImplMixin, FlashAttentionImpl):
-        layout = FlashAttnLayout()
-
-    class LookMFlashAttentionBackend(FlashAttentionBackend):
-        @staticmethod
-        def get_impl_cls():
-            return LookMFlashAttentionImpl
-
-        @staticmethod
-        def get_builder_cls():
-            return LookMFlashAttentionBuilder
-
-    return LookMFlashAttentionBackend
-
-
-def __getattr__(name: str):
-    # Resolved lazily by vLLM's backend registry (by qualified name), so that importing this
-    # module never imports a backend the platform cannot load.
-    if name == "LookMCPUAttentionBackend":
-        return _cpu_classes()
-    if name == "LookMFlashAttentionBackend":
-        return _flash_classes()
-    raise AttributeError(name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,23 +48,30 @@ class Compaction:
     slots: Tensor | None = None
 
 
+def _gather(cache: Tensor, block_row: Tensor, length: int) -> Tensor:
+    """``[Hkv, length, d]`` entries of positions ``[0, length)`` of one request's blocks."""
+    block_size = cache.shape[2]
+    num_blocks = -(-length // block_size)
+    ids = block_row[:num_blocks].to(device=cache.device, dtype=torch.long)
+    blocks = cache.index_select(0, ids)                          # [nb, Hkv, bs, d]
+    heads = blocks.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, cache.shape[3])
+    return heads[:, :length]
+
+
+def gather_keys(key_cache: Tensor, block_row: Tensor, length: int) -> Tensor:
+    """``[Hkv, length, d]`` keys of positions ``[0, length)`` of one request (for scoring, which
+    never reads values)."""
+    return _gather(key_cache, block_row, length)
+
+
 def gather_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, length: int
                   ) -> tuple[Tensor, Tensor]:
     """``[Hkv, length, d]`` keys and values of positions ``[0, length)`` of one request."""
-    block_size = key_cache.shape[2]
-    num_blocks = -(-length // block_size)
-    ids = block_row[:num_blocks].to(device=key_cache.device, dtype=torch.long)
-
-    def take(cache: Tensor) -> Tensor:
-        blocks = cache.index_select(0, ids)                      # [nb, Hkv, bs, d]
-        heads = blocks.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, cache.shape[3])
-        return heads[:, :length]
-
-    return take(key_cache), take(value_cache)
+    return _gather(key_cache, block_row, length), _gather(value_cache, block_row, length)
 
 
 def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, plan: RequestPlan,
-                   scores: Tensor | None) -> Compaction:
+                   scores: Tensor | None, keys: Tensor | None = None) -> Compaction:
     """Compress a request's prompt in one layer's paged cache, in place.
 
     Parameters
@@ -76,16 +84,21 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
         The request's plan.
     scores : Tensor or None
         float32 ``[Hkv, P]`` accumulated attention (None for methods that need none).
+    keys : Tensor, optional
+        The prompt's keys ``[Hkv, P, d]`` when the caller has just gathered them (scoring did),
+        so they are not gathered twice.
     """
     block_size = key_cache.shape[2]
     length = plan.prompt_len
     evictable_blocks = plan.evictable_blocks(block_size)
     if not evictable_blocks:
         return Compaction(holes=[], num_kept=length)
-    keys, values = gather_prompt(key_cache, value_cache, block_row, length)
-    evictable = plan.evictable_mask(block_size).to(keys.device)
+    if keys is None:
+        keys = gather_keys(key_cache, block_row, length)
+    values = _gather(value_cache, block_row, length)
+    evictable = plan.evictable_mask(block_size, keys.device)
     out = compress(keys, values, None if scores is None else scores[:, :length],
-                   plan.is_image().to(keys.device), plan.config,
+                   plan.is_image(keys.device), plan.config,
                    evictable=evictable, keep_multiple=block_size)
     if not out.compressed:
         return Compaction(holes=[], num_kept=length)
@@ -95,7 +108,7 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
     # inside the packed region.
     logical = out.kept.clone()
     rank = kept_evictable.long().cumsum(dim=1) - 1
-    region = torch.tensor(evictable_blocks, device=keys.device, dtype=torch.long)
+    region = plan.evictable_block_ids(block_size, keys.device)
     packed = region[rank.clamp(min=0) // block_size] * block_size + rank.clamp(min=0) % block_size
     logical = torch.where(kept_evictable, packed, logical)
     index = _slot_index(block_row, logical, block_size)
@@ -123,21 +136,100 @@ def _slot_index(block_row: Tensor, slots: Tensor, block_size: int
     return row[slots // block_size], head, slots % block_size
 
 
-def compacted_view(block_table: Tensor, seq_lens: Tensor, holed: list[tuple[int, list[int]]],
-                   block_size: int) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class HoleMap:
+    """Which logical blocks of a compressed request still hold KV.
+
+    Holes lie inside the prompt (``plan.evictable_blocks``); every block after them is live. The
+    compacted row of a request reads, at its column ``j``, the logical column
+    ``kept_columns[j]`` for ``j < len(kept_columns)`` and ``j + len(holes)`` after that.
+
+    Attributes
+    ----------
+    holes : tuple of int
+        Freed logical block indices, ascending.
+    kept_columns : numpy.ndarray
+        int64, the live logical columns before the last hole (computed once per request, so
+        building a step's read view costs no per-column Python).
+    """
+
+    holes: tuple[int, ...]
+    kept_columns: np.ndarray
+
+    @classmethod
+    def from_holes(cls, holes: list[int] | tuple[int, ...]) -> HoleMap:
+        holes = tuple(sorted(holes))
+        end = holes[-1] + 1 if holes else 0
+        return cls(holes, np.setdiff1d(np.arange(end, dtype=np.int64), holes))
+
+    def live_columns(self, num_blocks: int) -> np.ndarray:
+        """Logical columns ``< num_blocks`` that hold KV, in order (``num_blocks`` covers at
+        least every hole)."""
+        tail = np.arange(len(self.kept_columns) + len(self.holes), num_blocks, dtype=np.int64)
+        return np.concatenate([self.kept_columns, tail])
+
+
+def compacted_view(block_table: Tensor, seq_lens: Tensor, seq_lens_cpu: Tensor,
+                   holed: list[tuple[int, HoleMap]], block_size: int,
+                   out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The read view of compressed requests: their block-table rows without the holes.
 
-    Returns new ``(block_table, seq_lens)`` (the inputs are persistent runner buffers and are not
-    modified): for each ``(row, holes)`` the row's blocks are shifted left over the holes and its
-    sequence length drops by ``len(holes) * block_size``. Slot mapping and positions stay
-    logical, so new tokens are still written to (and RoPE'd at) their uncompressed positions.
+    For each ``(row, holes)`` the row's blocks are shifted left over the holes and its sequence
+    length drops by ``len(holes) * block_size``. Slot mapping and positions stay logical, so new
+    tokens are still written to (and RoPE'd at) their uncompressed positions.
+
+    Built for a device-resident batch without reading anything back from the device: the
+    gather index comes from the CPU sequence lengths and each request's :class:`HoleMap`, goes
+    over in ONE non-blocking host-to-device copy, and a fixed handful of device ops (copy,
+    gather, scatter, add) build the view, however many rows are compressed. No per-row launches,
+    no device-to-host synchronisation (which would also stall asynchronous scheduling).
+
+    Parameters
+    ----------
+    block_table, seq_lens : Tensor
+        The step's ``[R, W]`` block table and ``[R]`` sequence lengths on the device (the
+        runner's persistent buffers: never modified here).
+    seq_lens_cpu : Tensor
+        The same sequence lengths on the CPU (exact for every row: no speculative decoding).
+    holed : list of (int, HoleMap)
+        Compressed rows and their holes.
+    block_size : int
+        Tokens per block of ``block_table``.
+    out : (Tensor, Tensor), optional
+        Persistent device buffers (``[>= R, W]`` and ``[>= R]``) to build the view in; new
+        tensors when not given.
+
+    Returns
+    -------
+    (Tensor, Tensor, Tensor)
+        The compacted block table and sequence lengths on the device, and the compacted CPU
+        sequence lengths.
     """
-    block_table = block_table.clone()
-    seq_lens = seq_lens.clone()
-    for row, holes in holed:
-        num_blocks = -(-int(seq_lens[row]) // block_size)
-        dropped = set(holes)
-        keep = [i for i in range(num_blocks) if i not in dropped]
-        block_table[row, :len(keep)] = block_table[row, keep]
-        seq_lens[row] -= len(holes) * block_size
-    return block_table, seq_lens
+    num_rows, width = block_table.shape
+    if out is None:
+        table_out, lens_out = torch.empty_like(block_table), torch.empty_like(seq_lens)
+    else:
+        table_out, lens_out = out[0][:num_rows], out[1][:num_rows]
+    table_out.copy_(block_table)
+    lens_out.copy_(seq_lens)
+    lens_cpu = seq_lens_cpu.clone()
+    if not holed:
+        return table_out, lens_out, lens_cpu
+
+    lens = seq_lens_cpu.numpy()
+    live = [holes.live_columns(-(-int(lens[row]) // block_size)) for row, holes in holed]
+    columns = max(len(cols) for cols in live)
+    # One CPU tensor, one copy: [rows | hole tokens | gather index (padded, clipped)].
+    packed = np.empty((len(holed), 2 + columns), dtype=np.int64)
+    packed[:, 2:] = width - 1
+    for i, ((row, holes), cols) in enumerate(zip(holed, live, strict=True)):
+        packed[i, 0] = row
+        packed[i, 1] = len(holes.holes) * block_size
+        packed[i, 2:2 + len(cols)] = cols
+    rows_cpu = torch.from_numpy(packed[:, 0])
+    lens_cpu[rows_cpu] -= torch.from_numpy(packed[:, 1]).to(lens_cpu.dtype)
+    packed_dev = torch.from_numpy(packed).to(block_table.device, non_blocking=True)
+    rows, index = packed_dev[:, 0], packed_dev[:, 2:]
+    table_out[rows, :columns] = block_table.index_select(0, rows).gather(1, index)
+    lens_out.index_add_(0, rows, -packed_dev[:, 1].to(lens_out.dtype))
+    return table_out, lens_out, lens_cpu

@@ -37,6 +37,10 @@ from .worker_state import STATE
 
 logger = logging.getLogger(__name__)
 STATS_KEY = "kv_compression"
+# --kv-cache-dtype values LOOK-M serves: the cache holds plain numbers ("auto": the model's
+# dtype; the worker checks the resolved cache dtype again, attention.check_engine_setup).
+UNQUANTIZED_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+TIMING_KEYS = ("scoring_ms", "compression_ms")
 
 
 @dataclass
@@ -49,22 +53,23 @@ class LookMMetadata(KVConnectorMetadata):
 
 @dataclass
 class LookMWorkerMetadata(KVConnectorWorkerMetadata):
-    """Workers -> scheduler: requests compressed in the step (same plan on every TP rank)."""
+    """Workers -> scheduler, per request: its holes (the step it was compressed, the same plan
+    on every TP rank) and/or its scoring/compression times (once the device measured them)."""
 
     results: dict[str, dict] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, LookMWorkerMetadata)
-        merged = dict(self.results)
+        merged = {req_id: dict(result) for req_id, result in self.results.items()}
         for req_id, result in other.results.items():
-            mine = merged.get(req_id)
-            if mine is None:
-                merged[req_id] = result
-                continue
-            if mine["holes"] != result["holes"]:
+            mine = merged.setdefault(req_id, {})
+            if "holes" in mine and "holes" in result and mine["holes"] != result["holes"]:
                 raise RuntimeError(f"tensor-parallel ranks disagree on the holes of {req_id}")
-            for key in ("scoring_ms", "compression_ms"):
-                mine[key] = max(mine[key], result[key])
+            for key, value in result.items():
+                if key in TIMING_KEYS and key in mine:   # the slowest rank
+                    mine[key] = max(mine[key], value)
+                else:
+                    mine.setdefault(key, value)
         return LookMWorkerMetadata(merged)
 
 
@@ -114,6 +119,13 @@ def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
             problems.append("MLA attention")
         if getattr(model_config, "is_hybrid", False):
             problems.append("hybrid (Mamba/linear-attention) models")
+    if getattr(parallel, "use_ubatching", False):
+        problems.append("micro-batching (--enable-dbo / ubatch_size > 1)")
+    cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
+    if cache_dtype not in UNQUANTIZED_CACHE_DTYPES:
+        problems.append(f"a quantized KV cache (--kv-cache-dtype {cache_dtype}: fp8 and other "
+                        "quantized caches hold codes with scales, which compression would score "
+                        "and merge as numbers; use --kv-cache-dtype auto)")
     if getattr(vllm_config, "use_v2_model_runner", False):
         problems.append("the V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0)")
     if kv_cache_config is not None:
@@ -133,14 +145,16 @@ def check_attention_backend(vllm_config: Any) -> None:
     from vllm.model_executor.layers.attention import Attention
 
     from .attention import LookMImplMixin
+    from .backends import supported_names
 
     layers = vllm_config.compilation_config.static_forward_context
     foreign = sorted({type(layer.impl).__name__ for layer in layers.values()
                       if isinstance(layer, Attention) and layer.attn_type == "decoder"
                       and not isinstance(layer.impl, LookMImplMixin)})
     if foreign:
-        raise ValueError(f"LOOK-M supports the CPU_ATTN and FLASH_ATTN attention backends; this "
-                         f"engine uses {foreign} (on CUDA pass --attention-backend FLASH_ATTN).")
+        raise ValueError(f"LOOK-M supports the {' and '.join(supported_names())} attention "
+                         f"backends; this engine uses {foreign} (on CUDA pass "
+                         f"--attention-backend FLASH_ATTN).")
 
 
 class LookMConnector(KVConnectorBase_V1, SupportsHMA):
@@ -242,21 +256,28 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
             state = self._requests.get(req_id)
             if state is None or state.plan.epoch != result["epoch"]:
                 continue  # finished or preempted since: its blocks went back whole
-            free_before = self._kv_cache_manager.block_pool.get_num_free_blocks()
-            self._free_holes(req_id, result["holes"])
-            free_after = self._kv_cache_manager.block_pool.get_num_free_blocks()
-            state.stats = {
-                "compressed": True,
-                "method": state.plan.config.method,
-                "budget": state.plan.config.budget,
-                "prompt_tokens": result["prompt_tokens"],
-                "kv_tokens_kept": result["kv_tokens_kept"],
-                "kv_blocks_freed": len(result["holes"]),
-                "pool_free_blocks_before": free_before,
-                "pool_free_blocks_after": free_after,
-                "scoring_ms": result["scoring_ms"],
-                "compression_ms": result["compression_ms"],
-            }
+            if "holes" in result:
+                free_before = self._kv_cache_manager.block_pool.get_num_free_blocks()
+                self._free_holes(req_id, result["holes"])
+                free_after = self._kv_cache_manager.block_pool.get_num_free_blocks()
+                state.stats = {
+                    "compressed": True,
+                    "method": state.plan.config.method,
+                    "budget": state.plan.config.budget,
+                    "prompt_tokens": result["prompt_tokens"],
+                    "kv_tokens_kept": result["kv_tokens_kept"],
+                    "kv_blocks_freed": len(result["holes"]),
+                    "pool_free_blocks_before": free_before,
+                    "pool_free_blocks_after": free_after,
+                    # None until the workers' device timings arrive (at once on the CPU; on
+                    # CUDA once the events completed, usually a step later).
+                    "scoring_ms": None,
+                    "compression_ms": None,
+                }
+            if state.stats is not None:
+                for key in TIMING_KEYS:
+                    if key in result:
+                        state.stats[key] = result[key]
 
     def _free_holes(self, req_id: str, holes: list[int]) -> None:
         manager = self._kv_cache_manager.coordinator.single_type_managers[0]

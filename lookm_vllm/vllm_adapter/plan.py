@@ -5,12 +5,14 @@ Invariants this module relies on (see docs/engine.md):
   prompt (image tokens for LOOK-M, any token for the baselines) and entirely before the recent
   window may be freed. Everything else stays where vLLM put it.
 - The plan depends only on the prompt length, image positions, block size and config, never on
-  scores, so every layer, KV head and tensor-parallel rank derives the same holes.
+  scores, so every layer, KV head and tensor-parallel rank derives the same holes. The masks are
+  therefore computed once per plan (and device), not once per layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,13 +39,28 @@ class RequestPlan:
     prompt_len: int
     image_spans: tuple[tuple[int, int], ...]
     epoch: int = 0
+    # Derived tensors, by (name, block size, device): a pure function of the fields above.
+    _memo: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def is_image(self) -> torch.Tensor:
-        """bool ``[P]``: True at image embedding positions."""
-        mask = torch.zeros(self.prompt_len, dtype=torch.bool)
-        for start, end in self.image_spans:
-            mask[start:min(end, self.prompt_len)] = True
-        return mask
+    def _cached(self, key: tuple, device, build):
+        device = torch.device("cpu") if device is None else torch.device(device)
+        value = self._memo.get((*key, device))
+        if value is None:
+            cpu = self._memo.get((*key, torch.device("cpu")))
+            if cpu is None:
+                cpu = self._memo[(*key, torch.device("cpu"))] = build()
+            value = self._memo[(*key, device)] = cpu.to(device)
+        return value
+
+    def is_image(self, device=None) -> torch.Tensor:
+        """bool ``[P]``: True at image embedding positions (on ``device``, CPU by default)."""
+        def build():
+            mask = torch.zeros(self.prompt_len, dtype=torch.bool)
+            for start, end in self.image_spans:
+                mask[start:min(end, self.prompt_len)] = True
+            return mask
+
+        return self._cached(("is_image",), device, build)
 
     @property
     def num_scoring_queries(self) -> int:
@@ -56,21 +73,35 @@ class RequestPlan:
         A block qualifies when it is full, lies before the recent window, and (for LOOK-M, which
         never evicts text) holds image tokens only.
         """
+        key = ("evictable_blocks", block_size)
+        if key not in self._memo:
+            self._memo[key] = tuple(self._evictable_blocks(block_size))
+        return list(self._memo[key])
+
+    def _evictable_blocks(self, block_size: int) -> list[int]:
         recent_start = self.prompt_len - recent_window_size(self.prompt_len,
                                                               self.config.recent_ratio)
         num_blocks = recent_start // block_size
         if self.config.method != "lookm":
             return list(range(num_blocks))
-        is_image = self.is_image()
-        return [b for b in range(num_blocks)
-                if bool(is_image[b * block_size:(b + 1) * block_size].all())]
+        whole = self.is_image()[:num_blocks * block_size].view(num_blocks, block_size).all(dim=1)
+        return whole.nonzero().flatten().tolist()
 
-    def evictable_mask(self, block_size: int) -> torch.Tensor:
+    def evictable_block_ids(self, block_size: int, device=None) -> torch.Tensor:
+        """int64 :meth:`evictable_blocks` as a tensor on ``device``."""
+        return self._cached(("evictable_block_ids", block_size), device,
+                            lambda: torch.tensor(self.evictable_blocks(block_size),
+                                                 dtype=torch.long))
+
+    def evictable_mask(self, block_size: int, device=None) -> torch.Tensor:
         """bool ``[P]``: True at positions inside :meth:`evictable_blocks`."""
-        mask = torch.zeros(self.prompt_len, dtype=torch.bool)
-        for b in self.evictable_blocks(block_size):
-            mask[b * block_size:(b + 1) * block_size] = True
-        return mask
+        def build():
+            mask = torch.zeros(self.prompt_len, dtype=torch.bool)
+            for b in self.evictable_blocks(block_size):
+                mask[b * block_size:(b + 1) * block_size] = True
+            return mask
+
+        return self._cached(("evictable_mask", block_size), device, build)
 
     def to_dict(self) -> dict:
         return {"config": self.config.model_dump(mode="json"), "prompt_len": self.prompt_len,

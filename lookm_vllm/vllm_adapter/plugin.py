@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from .backends import BACKENDS
 from .options import CONNECTOR_MODULE, CONNECTOR_NAME
 from .validation import install_validation_hook
 from .worker_state import STATE
@@ -54,11 +55,10 @@ def register() -> None:
 
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, "LookMConnector")
-    if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN,
-                         "lookm_vllm.vllm_adapter.attention.LookMCPUAttentionBackend")
-    elif current_platform.is_cuda():
-        register_backend(AttentionBackendEnum.FLASH_ATTN,
-                         "lookm_vllm.vllm_adapter.attention.LookMFlashAttentionBackend")
+    platform = ("cpu" if current_platform.is_cpu()
+                else "cuda" if current_platform.is_cuda() else None)
+    for backend in BACKENDS:
+        if backend.platform == platform:
+            register_backend(AttentionBackendEnum[backend.name], backend.class_path)
     _install_runner_hook()
     install_validation_hook()

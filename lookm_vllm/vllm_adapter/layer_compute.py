@@ -1,0 +1,198 @@
+"""Per-layer work of one compressed request inside an attention forward. No vLLM import.
+
+Called right after the stock attention of a layer wrote ``output`` for every query row of the
+step: scores the request's prompt queries against the paged keys, and in the chunk that
+completes the prompt, compresses the layer in place (``compaction.compact_prompt``). Device work
+is timed with :class:`DeviceTimer` (CUDA events, never a synchronisation).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lookm_vllm.core import AttentionAccumulator
+
+from .compaction import HoleMap, compact_prompt, gather_keys, gather_prompt, read_slots
+from .plan import RequestPlan
+
+# Set LOOKM_DEBUG_DUMP_DIR to save, per request and compressed layer, the kept KV read back from
+# the paged cache (tests compare it with lookm_vllm.core on transformers' KV).
+DUMP_ENV = "LOOKM_DEBUG_DUMP_DIR"
+
+
+class DeviceTimer:
+    """Sums the durations of intervals of device work without synchronising the device.
+
+    On the CPU an interval is wall-clock time. On CUDA it is measured by a pair of events on the
+    current stream, read only once they have completed (:meth:`ready`); a
+    ``torch.cuda.synchronize`` per layer would stall the engine and asynchronous scheduling.
+    """
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def interval(self, device: torch.device):
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - t0
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._pending.append((start, end))
+
+    def ready(self) -> bool:
+        """Whether every interval has been measured (folds in the completed CUDA ones)."""
+        if self._pending and self._pending[-1][1].query():   # events complete in stream order
+            self._seconds += sum(s.elapsed_time(e) for s, e in self._pending) / 1e3
+            self._pending.clear()
+        return not self._pending
+
+    @property
+    def milliseconds(self) -> float:
+        return round(self._seconds * 1e3, 3)
+
+
+@dataclass
+class WorkerRequest:
+    """One compressed request on a worker: its plan, running scores, and once compressed, its
+    holes."""
+
+    plan: RequestPlan
+    accumulators: dict[str, AttentionAccumulator] = field(default_factory=dict)
+    holes: list[int] | None = None          # set once compressed (all layers agree)
+    hole_map: HoleMap | None = None
+    num_kept: int = 0
+    scoring: DeviceTimer = field(default_factory=DeviceTimer)
+    compression: DeviceTimer = field(default_factory=DeviceTimer)
+    reported: bool = False                  # holes sent to the scheduler
+    timings_reported: bool = False
+
+    @property
+    def compressed(self) -> bool:
+        return self.holes is not None
+
+
+@dataclass(frozen=True)
+class RowWork:
+    """What one layer must do for one batch row in this step."""
+
+    req_id: str
+    row: int
+    token_start: int        # first query row of this request in the flattened batch
+    position_start: int     # logical position of that query (= tokens already computed)
+    num_tokens: int
+
+
+def process_request_layer(req_id: str, req: WorkerRequest, item: RowWork, layer_name: str,
+                          query: Tensor, output: Tensor, key_cache: Tensor, value_cache: Tensor,
+                          block_row: Tensor, scale: float) -> None:
+    """Score this layer's prompt queries of one request and, at the prompt's end, compress it.
+
+    Parameters
+    ----------
+    query : Tensor
+        ``[num_tokens, Hq, d]``, the step's queries as the backend received them.
+    output : Tensor
+        The step's attention output (rows of ``query``), already written by the stock kernel.
+    key_cache, value_cache : Tensor
+        ``[num_blocks, Hkv, block_size, d]`` views of the layer's paged cache (``kv_layout``).
+    block_row : Tensor
+        The request's physical block ids in logical order.
+    scale : float
+        The layer's softmax scale.
+    """
+    plan = req.plan
+    end = min(item.position_start + item.num_tokens, plan.prompt_len)
+    completes_prompt = end == plan.prompt_len and item.position_start + item.num_tokens >= end
+    n_scoring = plan.num_scoring_queries
+    first = max(item.position_start, plan.prompt_len - n_scoring)
+    keys = None
+    if n_scoring and first < end:
+        with req.scoring.interval(key_cache.device):
+            acc = req.accumulators.get(layer_name)
+            if acc is None:
+                acc = req.accumulators[layer_name] = AttentionAccumulator(key_cache.shape[1],
+                                                                          scale=scale)
+            offset = item.token_start + first - item.position_start
+            keys = gather_keys(key_cache, block_row, end)                       # values unused
+            acc.update(query[offset:offset + end - first].transpose(0, 1), keys,
+                       query_start=first)
+    if completes_prompt:
+        _compress_layer(req_id, req, layer_name, key_cache, value_cache, block_row, keys)
+        _attend_past_prompt(req, item, query, output, key_cache, value_cache, block_row, scale)
+
+
+def _compress_layer(req_id: str, req: WorkerRequest, layer_name: str, key_cache: Tensor,
+                    value_cache: Tensor, block_row: Tensor, keys: Tensor | None) -> None:
+    acc = req.accumulators.pop(layer_name, None)
+    scores = None if acc is None else acc.scores
+    dump_dir = os.environ.get(DUMP_ENV)
+    if dump_dir:  # before the cache is rewritten
+        before = gather_prompt(key_cache, value_cache, block_row, req.plan.prompt_len)
+    with req.compression.interval(key_cache.device):
+        result = compact_prompt(key_cache, value_cache, block_row, req.plan, scores, keys=keys)
+    if dump_dir and result.slots is not None:
+        after = read_slots(key_cache, value_cache, block_row, result.slots)
+        _dump(Path(dump_dir) / req_id / f"epoch{req.plan.epoch}", layer_name, before, after,
+              scores, result)
+    if req.holes is None:
+        req.holes, req.num_kept = result.holes, result.num_kept
+        req.hole_map = HoleMap.from_holes(result.holes)
+    elif req.holes != result.holes:  # the plan is score-independent: this cannot differ
+        raise RuntimeError(f"layer {layer_name} freed blocks {result.holes}, "
+                           f"earlier layers {req.holes}")
+
+
+def _attend_past_prompt(req: WorkerRequest, item: RowWork, query: Tensor, output: Tensor,
+                        key_cache: Tensor, value_cache: Tensor, block_row: Tensor,
+                        scale: float) -> None:
+    """Redo attention for rows of this chunk that lie past the prompt, on the compressed cache.
+
+    Only a preempted request replaying its output tokens has such rows (vLLM recomputes
+    prompt + outputs in one prefill). When those tokens were first decoded they saw the
+    compressed cache, so they must see it again, or the replay would diverge.
+    """
+    prompt_len = req.plan.prompt_len
+    total = item.position_start + item.num_tokens
+    num = total - prompt_len
+    if num <= 0 or not req.holes:
+        return
+    block_size = key_cache.shape[2]
+    live = torch.from_numpy(req.hole_map.live_columns(-(-total // block_size)))
+    length = total - len(req.holes) * block_size
+    keys, values = gather_prompt(key_cache, value_cache,
+                                 block_row[live.to(block_row.device)], length)
+    first = item.token_start + prompt_len - item.position_start
+    q = query[first:first + num].float().transpose(0, 1)                # [Hq, n, d]
+    group = q.shape[0] // keys.shape[0]
+    positions = torch.arange(length - num, length, device=q.device)
+    causal = torch.arange(length, device=q.device)[None, :] <= positions[:, None]
+    attended = torch.nn.functional.scaled_dot_product_attention(
+        q, keys.float().repeat_interleave(group, 0), values.float().repeat_interleave(group, 0),
+        attn_mask=causal, scale=scale)                                   # [Hq, n, d]
+    rows = output[first:first + num]
+    rows.copy_(attended.transpose(0, 1).reshape(rows.shape).to(rows.dtype))
+
+
+def _dump(directory: Path, layer_name: str, before, after, scores, result) -> None:
+    """Debug/test aid: the layer's prompt KV and scores before compression, and what the paged
+    cache holds for the kept positions after it."""
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"kept": result.kept.cpu(), "slots": result.slots.cpu(), "holes": result.holes,
+                "keys_before": before[0].cpu(), "values_before": before[1].cpu(),
+                "scores": None if scores is None else scores.cpu(),
+                "keys": after[0].cpu(), "values": after[1].cpu()},
+               directory / f"{layer_name}.rank{rank}.pt")
