@@ -276,6 +276,11 @@ def install_config_stub() -> None:
                 return cls()
             return obj if isinstance(obj, cls) else cls(**obj)
 
+        def model_dump(self, mode="python"):
+            # What RequestPlan.to_dict() calls (benchmarks/gpu_adapter_check.py); every field is
+            # a JSON scalar, so both modes are the same dict.
+            return dataclasses.asdict(self)
+
         @property
         def is_active(self):
             return self.method != "none" and self.budget < 1.0
