@@ -377,3 +377,56 @@ def test_worker_refuses_setups_that_would_bypass_the_compacted_view(setup, words
     spec = _spec(setup.get("kernel_block_size", 32), setup.get("dtype", torch.float16))
     with pytest.raises(ValueError, match=words):
         check_engine_setup(config, spec)
+
+
+# ------------------------------------------------------------------ results and their timings
+def test_holes_are_reported_at_once_and_device_timings_when_measured(monkeypatch):
+    """The scheduler frees the holes in the step they appear; device times (CUDA events, read
+    without synchronising) follow in a later step, once the events completed."""
+    from lookm_vllm.vllm_adapter.layer_compute import DeviceTimer
+    from lookm_vllm.vllm_adapter.worker_state import WorkerRequest, WorkerState
+
+    state = WorkerState()
+    req = state.requests["r"] = WorkerRequest(make_plan())
+    req.holes, req.num_kept = [1, 2], 84
+    done = {"flag": False}
+    monkeypatch.setattr(DeviceTimer, "ready", lambda self: done["flag"])
+    state.finish_step()
+    first = state.take_results()
+    assert first == {"r": {"epoch": 0, "holes": [1, 2], "prompt_tokens": 100,
+                           "kv_tokens_kept": 84}}
+    state.finish_step()
+    assert state.take_results() == {}
+    done["flag"] = True
+    state.finish_step()
+    assert state.take_results() == {"r": {"epoch": 0, "scoring_ms": 0.0, "compression_ms": 0.0}}
+    state.finish_step()
+    assert state.take_results() == {}
+
+
+def test_device_timer_on_cpu_is_wall_clock():
+    import time
+
+    from lookm_vllm.vllm_adapter.layer_compute import DeviceTimer
+
+    timer = DeviceTimer()
+    with timer.interval(torch.device("cpu")):
+        time.sleep(0.01)
+    assert timer.ready() and timer.milliseconds >= 9.0
+
+
+def test_worker_results_aggregate_across_tensor_parallel_ranks():
+    from lookm_vllm.vllm_adapter.connector import LookMWorkerMetadata
+
+    holes = {"epoch": 0, "holes": [1, 2], "prompt_tokens": 9, "kv_tokens_kept": 3}
+    rank0 = LookMWorkerMetadata({"r": holes | {"scoring_ms": 5.0, "compression_ms": 1.0}})
+    rank1 = LookMWorkerMetadata({"r": dict(holes), "s": {"epoch": 1, "scoring_ms": 2.0,
+                                                           "compression_ms": 3.0}})
+    merged = rank0.aggregate(rank1).results
+    assert merged["r"] == holes | {"scoring_ms": 5.0, "compression_ms": 1.0}
+    assert merged["s"] == {"epoch": 1, "scoring_ms": 2.0, "compression_ms": 3.0}
+    slower = LookMWorkerMetadata({"r": {"epoch": 0, "scoring_ms": 7.0, "compression_ms": 0.5}})
+    assert rank0.aggregate(slower).results["r"]["scoring_ms"] == 7.0
+    assert rank0.aggregate(slower).results["r"]["compression_ms"] == 1.0
+    with pytest.raises(RuntimeError, match="disagree"):
+        rank0.aggregate(LookMWorkerMetadata({"r": holes | {"holes": [1]}}))

@@ -275,9 +275,9 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
                     "compression_ms": None,
                 }
             if state.stats is not None:
-                for key in TIMING_KEYS:
+                for key in TIMING_KEYS:  # ranks may report in different steps: the slowest
                     if key in result:
-                        state.stats[key] = result[key]
+                        state.stats[key] = max(state.stats[key] or 0.0, result[key])
 
     def _free_holes(self, req_id: str, holes: list[int]) -> None:
         manager = self._kv_cache_manager.coordinator.single_type_managers[0]

@@ -176,12 +176,11 @@ def _attend_past_prompt(req: WorkerRequest, item: RowWork, query: Tensor, output
                                  block_row[live.to(block_row.device)], length)
     first = item.token_start + prompt_len - item.position_start
     q = query[first:first + num].float().transpose(0, 1)                # [Hq, n, d]
-    group = q.shape[0] // keys.shape[0]
     positions = torch.arange(length - num, length, device=q.device)
     causal = torch.arange(length, device=q.device)[None, :] <= positions[:, None]
     attended = torch.nn.functional.scaled_dot_product_attention(
-        q, keys.float().repeat_interleave(group, 0), values.float().repeat_interleave(group, 0),
-        attn_mask=causal, scale=scale)                                   # [Hq, n, d]
+        q, keys.float(), values.float(), attn_mask=causal, scale=scale,
+        enable_gqa=True)                                                 # [Hq, n, d]
     rows = output[first:first + num]
     rows.copy_(attended.transpose(0, 1).reshape(rows.shape).to(rows.dtype))
 
