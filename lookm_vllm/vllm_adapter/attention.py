@@ -66,8 +66,8 @@ def check_engine_setup(vllm_config, kv_cache_spec) -> None:
 class LookMBuilderMixin:
     """Adds the compacted view of compressed requests and this step's scoring work."""
 
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, **kwargs):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device, **kwargs)
         self._lookm_enabled = lookm_enabled(vllm_config)
         self._lookm_view_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         if self._lookm_enabled:

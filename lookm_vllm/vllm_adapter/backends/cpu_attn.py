@@ -13,8 +13,8 @@ from ..kv_layout import CpuAttnLayout
 
 
 class LookMCPUAttentionBuilder(LookMBuilderMixin, CPUAttentionMetadataBuilder):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, **kwargs):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device, **kwargs)
         if self._lookm_enabled and self.isa not in CpuAttnLayout.SUPPORTED_ISAS:
             raise ValueError(
                 f"LOOK-M does not support the CPU attention kernel '{self.isa}' (its paged "
