@@ -8,9 +8,9 @@ both cases (prometheus_client writes them to that directory when the variable is
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import Counter, Histogram
+
+from lookm_vllm.stats import CompressionStats
 
 COMPRESSED_REQUESTS = Counter(
     "lookm_compressed_requests",
@@ -33,11 +33,10 @@ COMPRESSION_SECONDS = Histogram(
 )
 
 
-def observe(stats: dict[str, Any]) -> None:
-    """Count one finished compressed request from its engine stats (``kv_compression`` entry of
-    ``RequestOutput.kv_transfer_params``)."""
+def observe(stats: CompressionStats) -> None:
+    """Count one finished compressed request from its engine stats."""
     COMPRESSED_REQUESTS.inc()
-    KV_TOKENS_EVICTED.inc(max(0, stats["prompt_tokens"] - stats["kv_tokens_kept"]))
-    KV_BLOCKS_FREED.inc(stats["kv_blocks_freed"])
-    if stats.get("compression_ms") is not None:
-        COMPRESSION_SECONDS.observe(stats["compression_ms"] / 1000.0)
+    KV_TOKENS_EVICTED.inc(max(0, stats.prompt_tokens - stats.kv_tokens_kept))
+    KV_BLOCKS_FREED.inc(stats.kv_blocks_freed)
+    if stats.compression_ms is not None:
+        COMPRESSION_SECONDS.observe(stats.compression_ms / 1000.0)

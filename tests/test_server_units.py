@@ -250,7 +250,10 @@ def test_uncompressed_summary_is_reported_not_counted():
     from server.usage import report
 
     before = metric("lookm_compressed_requests_total")
-    summary = {k: STATS[k] for k in USAGE} | {"kv_tokens_kept": 460, "kv_blocks_freed": 0}
+    from lookm_vllm.stats import CompressionStats
+
+    summary = CompressionStats.from_dict({k: STATS[k] for k in USAGE} | {
+        "compressed": False, "kv_tokens_kept": 460, "kv_blocks_freed": 0})
     assert report(summary)["kv_tokens_kept"] == 460
     assert metric("lookm_compressed_requests_total") == before
 

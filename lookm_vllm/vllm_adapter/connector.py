@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -31,12 +31,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
+from lookm_vllm.stats import STATS_KEY, CompressionStats
+
 from .options import EXTRA_ARGS_KEY, default_config, request_config
 from .plan import RequestPlan
 from .worker_state import STATE
 
 logger = logging.getLogger(__name__)
-STATS_KEY = "kv_compression"
 # --kv-cache-dtype values LOOK-M serves: the cache holds plain numbers ("auto": the model's
 # dtype; the worker checks the resolved cache dtype again, attention.check_engine_setup).
 UNQUANTIZED_CACHE_DTYPES = ("auto", "float16", "bfloat16")
@@ -77,7 +78,7 @@ class LookMWorkerMetadata(KVConnectorWorkerMetadata):
 class _SchedRequest:
     plan: RequestPlan
     sent: bool = False
-    stats: dict[str, Any] | None = None
+    stats: CompressionStats | None = None
 
 
 def image_spans(request: Any) -> tuple[tuple[int, int], ...]:
@@ -260,24 +261,20 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
                 free_before = self._kv_cache_manager.block_pool.get_num_free_blocks()
                 self._free_holes(req_id, result["holes"])
                 free_after = self._kv_cache_manager.block_pool.get_num_free_blocks()
-                state.stats = {
-                    "compressed": True,
-                    "method": state.plan.config.method,
-                    "budget": state.plan.config.budget,
-                    "prompt_tokens": result["prompt_tokens"],
-                    "kv_tokens_kept": result["kv_tokens_kept"],
-                    "kv_blocks_freed": len(result["holes"]),
-                    "pool_free_blocks_before": free_before,
-                    "pool_free_blocks_after": free_after,
-                    # None until the workers' device timings arrive (at once on the CPU; on
-                    # CUDA once the events completed, usually a step later).
-                    "scoring_ms": None,
-                    "compression_ms": None,
-                }
+                state.stats = CompressionStats(
+                    compressed=True, method=state.plan.config.method,
+                    budget=state.plan.config.budget, prompt_tokens=result["prompt_tokens"],
+                    kv_tokens_kept=result["kv_tokens_kept"],
+                    kv_blocks_freed=len(result["holes"]),
+                    pool_free_blocks_before=free_before, pool_free_blocks_after=free_after)
             if state.stats is not None:
-                for key in TIMING_KEYS:  # ranks may report in different steps: the slowest
-                    if key in result:
-                        state.stats[key] = max(state.stats[key] or 0.0, result[key])
+                # Device timings arrive with the holes on the CPU, on CUDA once the events
+                # completed (usually a step later); ranks may report in different steps: keep
+                # the slowest.
+                timings = {key: max(getattr(state.stats, key) or 0.0, result[key])
+                           for key in TIMING_KEYS if key in result}
+                if timings:
+                    state.stats = replace(state.stats, **timings)
 
     def _free_holes(self, req_id: str, holes: list[int]) -> None:
         manager = self._kv_cache_manager.coordinator.single_type_managers[0]
@@ -297,12 +294,11 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
             return False, None
         self._drop.append(request.request_id)
         # Finished before its compression was reported (e.g. max_tokens=1): nothing was freed.
-        stats = state.stats or {"compressed": False, "method": state.plan.config.method,
-                                "budget": state.plan.config.budget,
-                                "prompt_tokens": state.plan.prompt_len,
-                                "kv_tokens_kept": state.plan.prompt_len,
-                                "kv_blocks_freed": 0}
-        return False, {STATS_KEY: stats}
+        plan = state.plan
+        stats = state.stats or CompressionStats(
+            compressed=False, method=plan.config.method, budget=plan.config.budget,
+            prompt_tokens=plan.prompt_len, kv_tokens_kept=plan.prompt_len, kv_blocks_freed=0)
+        return False, {STATS_KEY: stats.to_dict()}
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         return self.request_finished_all_groups(request, (block_ids,))
