@@ -37,10 +37,6 @@ class Cell:
         """File-name-safe label: ``none`` or ``<method>@<budget>`` (e.g. ``lookm-pivotal@0.2``)."""
         return self.method if self.budget is None else f"{self.method}@{self.budget:g}"
 
-    @property
-    def is_full_cache(self) -> bool:
-        return self.budget is None
-
     def request_config(self) -> dict[str, Any]:
         """The ``SamplingParams.extra_args["kv_compression"]`` entry for this cell's requests."""
         return self.config.model_dump(mode="json")

@@ -48,7 +48,6 @@ TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "I-1": ("GPR1200",),
 }
 GROUP_OF_TASK: dict[str, str] = {t: g for g, tasks in TASK_GROUPS.items() for t in tasks}
-MILEBENCH_TASKS: tuple[str, ...] = tuple(GROUP_OF_TASK)
 
 _PLACEHOLDER = re.compile(r"\{(image|table)#(\d+)\}")
 

@@ -10,14 +10,12 @@ engine option of ``options.py`` is set.
 from __future__ import annotations
 
 import functools
-import logging
 
 from .backends import BACKENDS
 from .options import CONNECTOR_MODULE, CONNECTOR_NAME
 from .validation import install_validation_hook
 from .worker_state import STATE
 
-logger = logging.getLogger(__name__)
 _registered = False
 
 
