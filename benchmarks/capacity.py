@@ -96,8 +96,8 @@ def model_and_pool(work: Workload):
     """Build the model; size the pool from the measured prompt length (HF processor)."""
     from transformers import AutoProcessor
 
-    from lookm_vllm.testing.images import test_images
-    from lookm_vllm.testing.tiny_models import build_tiny_llava, chat_prompt
+    from lookm_vllm.demo.images import test_images
+    from lookm_vllm.demo.tiny_models import build_tiny_llava, chat_prompt
 
     path = build_tiny_llava(work.image_tokens)
     processor = AutoProcessor.from_pretrained(str(path))
@@ -115,7 +115,7 @@ def model_and_pool(work: Workload):
 
 def server_cmd(path, work: Workload, pool_bytes: int, max_model_len: int, port: int,
                lookm: bool) -> list[str]:
-    from lookm_vllm.testing.tiny_models import vllm_server_args
+    from lookm_vllm.demo.tiny_models import vllm_server_args
     from lookm_vllm.vllm_adapter.options import engine_cli_args
 
     args = vllm_server_args(path, max_images=work.images_per_request, max_model_len=max_model_len,
@@ -129,7 +129,7 @@ def server_cmd(path, work: Workload, pool_bytes: int, max_model_len: int, port: 
 
 
 def image_urls(work: Workload) -> list[str]:
-    from lookm_vllm.testing.images import image_to_data_url, test_images
+    from lookm_vllm.demo.images import image_to_data_url, test_images
 
     return [image_to_data_url(img, "JPEG") for img in test_images(64)]
 

@@ -31,8 +31,8 @@ SHAPES = {
 def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    from lookm_vllm.testing.images import test_images
-    from lookm_vllm.testing.tiny_models import (
+    from lookm_vllm.demo.images import test_images
+    from lookm_vllm.demo.tiny_models import (
         build_tiny_llava,
         chat_prompt,
         close_vllm,

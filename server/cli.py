@@ -1,4 +1,4 @@
-"""``lookm-serve`` (also ``python -m server``): vLLM's OpenAI-compatible server, LOOK-M enabled.
+"""``lookm-serve`` (also ``python -m lookm_vllm.server``): vLLM's OpenAI server, LOOK-M enabled.
 
 The command line is vLLM's own (``make_arg_parser``: every engine and server flag passes through)
 plus LOOK-M's group (``--kv-compression``, the media policy, the request-size limit). The vLLM
@@ -7,12 +7,12 @@ arguments are parsed in two layers, the user's over lookm-serve's own:
     lookm-serve's:  [demo-model settings] [--allowed-media-domains ...] [--limit-mm-per-prompt ...]
                     [--attention-backend FLASH_ATTN on CUDA, unless the user chose a backend]
                     options.engine_cli_args(<--kv-compression>)   # the engine option, ONE place
-                    --middleware server.middleware.LookMMiddleware  # validation, usage, metrics
+                    --middleware lookm_vllm.server.middleware.LookMMiddleware  # checks, usage
     the user's:     everything on the command line (wins; --middleware appends)
 
 which vLLM's own ``run_server`` (uvicorn) serves. Without ``--model`` the built-in tiny demo
 LLaVA is built on first use (cached) and, on CPU, served with the tiny-model engine settings of
-``lookm_vllm.testing.tiny_models.vllm_server_args``; flags given explicitly win over those.
+``lookm_vllm.demo.tiny_models.vllm_server_args``; flags given explicitly win over those.
 Environment fallbacks (for Docker / k8s; a flag wins over its variable): ``ENV_FALLBACKS``.
 """
 
@@ -31,7 +31,7 @@ from lookm_vllm.vllm_adapter import options
 
 from .validation import describe_errors
 
-MIDDLEWARE = "server.middleware.LookMMiddleware"
+MIDDLEWARE = "lookm_vllm.server.middleware.LookMMiddleware"
 # Images per request when serving the demo model without --max-images.
 DEMO_MAX_IMAGES = 8
 # Environment variable -> argument it provides the default of.
@@ -133,7 +133,7 @@ def server_default(parser, text: str | None) -> CompressionConfig | None:
 def _demo_model_args(max_images: int | None) -> list[str]:
     from vllm.platforms import current_platform
 
-    from lookm_vllm.testing.tiny_models import build_tiny_llava, vllm_server_args
+    from lookm_vllm.demo.tiny_models import build_tiny_llava, vllm_server_args
 
     path = build_tiny_llava()
     if current_platform.is_cpu():

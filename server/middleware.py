@@ -1,7 +1,8 @@
 """``LookMMiddleware``: what LOOK-M adds to vLLM's OpenAI app, as one pure ASGI middleware.
 
-Installed with vLLM's own ``--middleware server.middleware.LookMMiddleware`` (``lookm-serve``
-always adds it; a stock ``python -m vllm.entrypoints.openai.api_server`` may too). Per request:
+Installed with vLLM's own ``--middleware lookm_vllm.server.middleware.LookMMiddleware``
+(``lookm-serve`` always adds it; a stock ``python -m vllm.entrypoints.openai.api_server`` may too).
+Per request:
 
 * a body larger than ``--max-request-mb`` is refused (HTTP 400) before anything parses it;
 * every JSON body is checked against the media policy (``validation.check_media``), and

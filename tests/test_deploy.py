@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +41,9 @@ import pytest
 import yaml
 
 from lookm_vllm.core import CompressionConfig
+from lookm_vllm.server.cli import ENV_FALLBACKS
 from lookm_vllm.testing.server_process import free_port
 from lookm_vllm.vllm_adapter import options
-from server.cli import ENV_FALLBACKS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -52,7 +54,7 @@ VERSION = PYPROJECT["project"]["version"]
 (VLLM_VERSION,) = [r.split("==")[1] for r in PYPROJECT["project"]["optional-dependencies"]["gpu"]
                    if r.startswith("vllm==")]
 (CONSOLE_SCRIPT,) = [k for k, v in PYPROJECT["project"]["scripts"].items()
-                     if v == "server.cli:main"]
+                     if v == "lookm_vllm.server.cli:main"]
 
 # What every file must agree on.
 IMAGE = f"lookm-vllm:{VERSION}"
@@ -264,6 +266,54 @@ def test_gpu_image_pins_vllm_and_keeps_the_base_images_stack():
     (install,) = [r for r in gpu.run_lines() if "pip install" in r]
     assert "--no-index" in install  # resolves dependencies against the base image only
     assert f"== '{VLLM_VERSION}'" in install  # and fails on another vLLM
+
+
+def test_package_list_names_every_package_folder():
+    """pyproject lists the packages explicitly (``find`` cannot see server/, which installs as
+    lookm_vllm.server): every folder with an ``__init__.py`` must be on the list."""
+    setuptools_cfg = PYPROJECT["tool"]["setuptools"]
+    package_dir = setuptools_cfg["package-dir"]
+    assert package_dir == {"lookm_vllm.server": "server"}
+    on_disk = set()
+    for package, folder in [("lookm_vllm", "lookm_vllm"), *package_dir.items()]:
+        for init in (ROOT / folder).rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                rel = init.parent.relative_to(ROOT / folder).parts
+                on_disk.add(".".join((package, *rel)))
+    assert set(setuptools_cfg["packages"]) == on_disk
+
+
+def test_gpu_image_source_builds_a_wheel_with_lookm_vllm_server(tmp_path):
+    """What docker/Dockerfile copies into the image builds (pip wheel, as the image does) a wheel
+    with the server as lookm_vllm.server, no top-level ``server``, and the console script."""
+    gpu = Dockerfile.load("Dockerfile")
+    (build,) = [cmd for r in gpu.run_lines() for cmd in r.split("&&") if "pip wheel" in cmd]
+    source_dir = shlex.split(build)[-1]  # the tree the image builds from
+    for copy in gpu.all("COPY"):
+        (source, dest) = copy.value
+        assert dest.startswith(source_dir + "/"), copy.value
+        target = tmp_path / "src" / dest[len(source_dir) + 1:]
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, target,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / source, target)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+         "-q", "-w", str(tmp_path / "wheels"), str(tmp_path / "src")],
+        check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp_path / "wheels").glob(f"lookm_vllm-{VERSION}-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        entry_points = zf.read(f"lookm_vllm-{VERSION}.dist-info/entry_points.txt").decode()
+        top_level = zf.read(f"lookm_vllm-{VERSION}.dist-info/top_level.txt").decode().split()
+    server_files = {p.name for p in (ROOT / "server").glob("*.py")}
+    assert {n.split("/")[-1] for n in names if n.startswith("lookm_vllm/server/")} == server_files
+    assert {n.split("/")[0] for n in names} == {"lookm_vllm", f"lookm_vllm-{VERSION}.dist-info"}
+    assert top_level == ["lookm_vllm"]
+    assert f"{CONSOLE_SCRIPT} = lookm_vllm.server.cli:main" in entry_points
 
 
 def test_cpu_image_installs_like_make_setup():

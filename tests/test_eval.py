@@ -266,7 +266,7 @@ def test_truncation_keeps_instruction_and_the_end():
 
 
 def test_tiny_llava_placeholder(tiny_llava_path):
-    from lookm_vllm.testing.tiny_models import load_processor
+    from lookm_vllm.demo.tiny_models import load_processor
 
     assert image_placeholder(load_processor(tiny_llava_path)) == "<image>\n"
 

@@ -25,7 +25,7 @@ def flash_builder(tiny_llava_path):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from lookm_vllm.testing.tiny_models import vllm_engine_kwargs
+    from lookm_vllm.demo.tiny_models import vllm_engine_kwargs
     from lookm_vllm.vllm_adapter.backends.flash_attn import LookMFlashAttentionBuilder
     from lookm_vllm.vllm_adapter.options import engine_kwargs
 

@@ -137,7 +137,7 @@ def test_stream_generator_hook_point():
 def test_stream_hook_installs_once():
     from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 
-    from server.streaming import install_stream_hook
+    from lookm_vllm.server.streaming import install_stream_hook
 
     install_stream_hook()
     hooked = OpenAIServingChat.chat_completion_stream_generator
@@ -154,12 +154,13 @@ def test_usage_info_allows_extra_fields():
 
 
 def test_metrics_registry(monkeypatch):
-    """vLLM's /metrics serves the default registry (where server.metrics registers) with one API
-    server, and a multiprocess collector (which reads every process's files) otherwise."""
+    """vLLM's /metrics serves the default registry (where lookm_vllm.server.metrics registers)
+    with one API server, and a multiprocess collector (which reads every process's files)
+    otherwise."""
     from prometheus_client import REGISTRY
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    import server.metrics  # noqa: F401  (registers the LOOK-M metrics)
+    import lookm_vllm.server.metrics  # noqa: F401  (registers the LOOK-M metrics)
 
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     assert get_prometheus_registry() is REGISTRY
@@ -167,7 +168,7 @@ def test_metrics_registry(monkeypatch):
 
 
 def test_policy_reads_vllm_media_args(parser):
-    from server.validation import RequestPolicy
+    from lookm_vllm.server.validation import RequestPolicy
 
     args = parser.parse_args(["--allowed-media-domains", "a.com",
                               "--allowed-local-media-path", "/data"])

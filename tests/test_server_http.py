@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lookm_vllm.testing.images import image_to_bytes, image_to_data_url, test_images
+from lookm_vllm.demo.images import image_to_bytes, image_to_data_url, test_images
+from lookm_vllm.demo.tiny_models import vllm_server_args
 from lookm_vllm.testing.server_process import ServerProcess, free_port, vllm_api_server_cmd
-from lookm_vllm.testing.tiny_models import vllm_server_args
 from lookm_vllm.vllm_adapter import options
 
 pytestmark = pytest.mark.engine
@@ -40,7 +40,7 @@ def launched(tiny_llava_path, tmp_path_factory):
     """Start both servers at once (their startups overlap); tests wait for the one they use."""
     log_dir = tmp_path_factory.mktemp("server-logs")
     script = shutil.which("lookm-serve", path=str(Path(sys.executable).parent))
-    lookm_argv = [script] if script else [sys.executable, "-m", "server"]
+    lookm_argv = [script] if script else [sys.executable, "-m", "lookm_vllm.server"]
     lookm_port, stock_port = free_port(), free_port()
     servers = {
         "lookm": ServerProcess(

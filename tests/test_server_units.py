@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from lookm_vllm.core import CompressionConfig
-from lookm_vllm.testing.images import image_to_bytes, image_to_data_url, test_images
-from server.validation import (
+from lookm_vllm.demo.images import image_to_bytes, image_to_data_url, test_images
+from lookm_vllm.server.validation import (
     RequestError,
     RequestPolicy,
     check_media,
@@ -222,7 +222,7 @@ def metric(name: str) -> float:
 
 
 def test_shape_response_moves_stats_into_usage_and_counts_them():
-    from server.usage import shape_response
+    from lookm_vllm.server.usage import shape_response
 
     before = {n: metric(n) for n in ("lookm_compressed_requests_total",
                                      "lookm_kv_tokens_evicted_total",
@@ -247,7 +247,7 @@ def test_shape_response_moves_stats_into_usage_and_counts_them():
 
 
 def test_uncompressed_summary_is_reported_not_counted():
-    from server.usage import report
+    from lookm_vllm.server.usage import report
 
     before = metric("lookm_compressed_requests_total")
     from lookm_vllm.stats import CompressionStats
@@ -259,7 +259,7 @@ def test_uncompressed_summary_is_reported_not_counted():
 
 
 def test_usage_chunk_injection():
-    from server.streaming import add_to_usage_chunk
+    from lookm_vllm.server.streaming import add_to_usage_chunk
 
     final = 'data: {"id":"c","choices":[],"usage":{"prompt_tokens":4,"total_tokens":5}}\n\n'
     shaped = add_to_usage_chunk(final, USAGE)
@@ -276,7 +276,7 @@ def test_usage_chunk_injection():
 def app_client(photo_url):
     """LookMMiddleware in front of a stand-in for vLLM's chat route, which echoes the body it got
     and answers with engine stats in ``kv_transfer_params``, as vLLM does."""
-    from server.middleware import LookMMiddleware
+    from lookm_vllm.server.middleware import LookMMiddleware
 
     app = FastAPI()
     app.state.args = Namespace(api_key=["secret"], max_request_mb=0.5, max_images=2,
@@ -348,8 +348,8 @@ def test_middleware_leaves_unauthenticated_requests_to_vllm(app_client):
 
 # ------------------------------------------------------------------------------ CLI
 def test_cli_builds_vllm_args(monkeypatch, tiny_llava_path):
+    from lookm_vllm.server.cli import parse_args
     from lookm_vllm.vllm_adapter import options
-    from server.cli import parse_args
 
     for var in ("LOOKM_MODEL", "LOOKM_KV_COMPRESSION", "LOOKM_API_KEY", "LOOKM_HOST",
                 "LOOKM_PORT"):
@@ -367,13 +367,13 @@ def test_cli_builds_vllm_args(monkeypatch, tiny_llava_path):
     assert ktc.kv_connector == expected["kv_connector"]
     assert ktc.kv_connector_module_path == expected["kv_connector_module_path"]
     assert ktc.kv_connector_extra_config == expected["kv_connector_extra_config"]
-    assert args.middleware == ["server.middleware.LookMMiddleware", "my.Middleware"]
+    assert args.middleware == ["lookm_vllm.server.middleware.LookMMiddleware", "my.Middleware"]
     assert args.allowed_media_domains == ["a.com", "b.org"]
     assert args.port == 8000 and args.max_request_mb == 32.0
 
 
 def test_cli_environment_fallbacks(monkeypatch):
-    from server.cli import parse_args
+    from lookm_vllm.server.cli import parse_args
 
     monkeypatch.setenv("LOOKM_MODEL", "/models/llava")
     monkeypatch.setenv("LOOKM_API_KEY", "k1")
@@ -396,7 +396,7 @@ def test_cli_environment_fallbacks(monkeypatch):
     (["--kv-transfer-config", "{}"], "sets --kv-transfer-config itself"),
 ])
 def test_cli_refuses_bad_settings(argv, words, capsys):
-    from server.cli import parse_args
+    from lookm_vllm.server.cli import parse_args
 
     with pytest.raises(SystemExit) as info:
         parse_args(["--model", "/m"] + argv)
@@ -413,7 +413,7 @@ def test_cli_refuses_bad_settings(argv, words, capsys):
 def test_cli_picks_flash_attention_on_cuda(monkeypatch, argv, backend):
     """On CUDA lookm-serve asks for FLASH_ATTN (which LOOK-M wraps) unless the user chose a
     backend; vLLM itself would pick FlashInfer on some GPUs and the engine would be refused."""
-    from server import cli
+    from lookm_vllm.server import cli
 
     monkeypatch.setattr(cli, "_serves_on_cuda", lambda: True)
     args = cli.parse_args(["--model", "/m"] + argv)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from lookm_vllm.testing.images import PHOTO_NAMES, image_to_data_url, test_images
-from lookm_vllm.testing.tiny_models import (
+from lookm_vllm.demo.images import PHOTO_NAMES, image_to_data_url, test_images
+from lookm_vllm.demo.tiny_models import (
     LLAVA_CHAT_TEMPLATE,
     QWEN2VL_CHAT_TEMPLATE,
     build_tiny_llava,

