@@ -1,4 +1,5 @@
 # Quick start: `make serve` (demo server on CPU) and `make test` (whole suite). Both set up first.
+# `make test-fast`: everything but the vLLM engine tests (~1 min); `make lint`: ruff (CI runs it).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -22,7 +23,7 @@ bench: setup
 	$(PY) -m benchmarks.decode
 
 lint: setup
-	$(PY) -m ruff check lookm_vllm server tests benchmarks
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

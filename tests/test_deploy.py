@@ -113,7 +113,7 @@ class Dockerfile:
                     if default:
                         known[name] = self.substitute(self._unquote(default), known)
             elif c.cmd == "ENV":
-                for name, raw in zip(c.value[::2], c.value[1::2]):
+                for name, raw in zip(c.value[::2], c.value[1::2], strict=True):
                     known[name] = self.substitute(self._unquote(raw), known)
         return known
 
@@ -581,7 +581,8 @@ def _k8s_facts() -> dict:
 def _readme_facts() -> dict:
     text = (DEPLOY / "README.md").read_text()
     return {"image": set(re.findall(r"(?<![\w/.-])lookm-vllm:[\w.-]+", text))
-            | {m.rsplit("/", 1)[1] for m in re.findall(r"[\w.-]+/[\w/.-]*lookm-vllm:[\w.-]+", text)},
+            | {m.rsplit("/", 1)[1]
+               for m in re.findall(r"[\w.-]+/[\w/.-]*lookm-vllm:[\w.-]+", text)},
             "port": {int(p) for p in re.findall(r"(?:localhost:|port |-p )(\d+)", text)},
             "health": set(re.findall(r"/health\w*", text)),
             "env": set(re.findall(r"LOOKM_[A-Z_]+", text))}

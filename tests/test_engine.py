@@ -114,7 +114,8 @@ def test_blocks_are_freed_while_running_and_nothing_leaks(runs, tiny_llava_path)
         assert stats["pool_free_blocks_after"] - stats["pool_free_blocks_before"] == holes
         assert stats["prompt_tokens"] == len(prompt)
         assert stats["kv_tokens_kept"] == len(prompt) - holes * BLOCK
-        assert stats["method"] == "lookm" and stats["budget"] == MIXED[i]["kv_compression"]["budget"]
+        assert stats["method"] == "lookm"
+        assert stats["budget"] == MIXED[i]["kv_compression"]["budget"]
         assert stats["compressed"] is True
     assert out["metrics"][-1]["vllm:kv_cache_usage_perc"] == 0.0
 
@@ -271,7 +272,7 @@ def test_preemption_completes_with_the_same_outputs(runs, tiny_llava_path):
                                    "engine": dict(engine, kv_cache_gib=40 * 64 / (1 << 20))})
     assert tight["metrics"][-1]["vllm:num_preemptions"] > 0
     assert roomy["metrics"][-1]["vllm:num_preemptions"] == 0
-    for a, b in zip(roomy["batches"][0], tight["batches"][0]):
+    for a, b in zip(roomy["batches"][0], tight["batches"][0], strict=True):
         assert a["token_ids"] == b["token_ids"]
     assert tight["metrics"][-1]["vllm:kv_cache_usage_perc"] == 0.0
 
@@ -303,7 +304,7 @@ def test_tensor_parallel_matches_single_rank(runs, tiny_llava_path):
                                   "distributed_executor_backend": "mp"},
                        "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1",
                                "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})
-    for a, b in zip(single["batches"][0], tp2["batches"][0]):
+    for a, b in zip(single["batches"][0], tp2["batches"][0], strict=True):
         assert a["token_ids"] == b["token_ids"]
         assert a["kv_transfer_params"] is None or (
             a["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"]

@@ -36,7 +36,7 @@ def test_cpu_smoke_passes_every_section(tmp_path, pydantic):
     proc = subprocess.run(
         [sys.executable, "-c", LAUNCHER, pydantic, str(SCRIPT), "--cpu-smoke", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     statuses = {name: section["status"] for name, section in report["sections"].items()}

@@ -210,9 +210,9 @@ def test_policy_from_args():
 
 
 # ------------------------------------------------------------------------------ responses
-STATS = {"compressed": True, "method": "lookm", "budget": 0.2, "prompt_tokens": 460, "kv_tokens_kept": 204,
-         "kv_blocks_freed": 8, "pool_free_blocks_before": 1, "pool_free_blocks_after": 9,
-         "scoring_ms": 50.0, "compression_ms": 120.0}
+STATS = {"compressed": True, "method": "lookm", "budget": 0.2, "prompt_tokens": 460,
+         "kv_tokens_kept": 204, "kv_blocks_freed": 8, "pool_free_blocks_before": 1,
+         "pool_free_blocks_after": 9, "scoring_ms": 50.0, "compression_ms": 120.0}
 USAGE = {"method": "lookm", "budget": 0.2, "prompt_tokens": 460, "kv_tokens_kept": 204,
          "kv_blocks_freed": 8}
 

@@ -104,7 +104,8 @@ def test_test_images_are_distinct_real_photos():
     digests = {hash(np.asarray(im).tobytes()) for im in ims}
     assert len(digests) == len(ims)
     again = test_images(3)
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(again, ims))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(again, ims, strict=False))
     url = image_to_data_url(ims[0], "JPEG")
     assert url.startswith("data:image/jpeg;base64,")
     assert image_to_data_url(ims[0]).startswith("data:image/png;base64,")
@@ -230,7 +231,7 @@ def _vllm_gaps(completion) -> list[float]:
 def _assert_same_greedy(vllm_tokens, hf_tokens, hf_gaps, what):
     """Same tokens, except that a run may fork at a near-tie (a float-noise flip), never before."""
     assert vllm_tokens[0] == hf_tokens[0], f"{what}: first greedy token differs"
-    for i, (a, b) in enumerate(zip(vllm_tokens, hf_tokens)):
+    for i, (a, b) in enumerate(zip(vllm_tokens, hf_tokens, strict=False)):
         if a != b:
             assert hf_gaps[i] < NEAR_TIE, (
                 f"{what}: step {i} differs (vLLM {a}, HF {b}) with a top-2 gap of {hf_gaps[i]:.4g}"
@@ -267,7 +268,7 @@ def vllm_outputs(tiny_vlm, tiny_llm, photos):
 def test_vllm_generates_from_real_photos(tiny_vlm, vllm_outputs):
     proc = tiny_vlm.processor
     image_id = _image_token_id(proc)
-    for s, out in zip(IMAGE_SETS, vllm_outputs):
+    for s, out in zip(IMAGE_SETS, vllm_outputs, strict=True):
         comp = out.outputs[0]
         assert len(comp.token_ids) == MAX_TOKENS
         assert all(t not in proc.tokenizer.all_special_ids for t in comp.token_ids)
@@ -283,7 +284,7 @@ def test_vllm_generates_from_real_photos(tiny_vlm, vllm_outputs):
 def test_vllm_matches_transformers(tiny_vlm, vllm_outputs, hf_model, photos):
     proc = tiny_vlm.processor
     full_matches = 0
-    for s, out in zip(IMAGE_SETS, vllm_outputs):
+    for s, out in zip(IMAGE_SETS, vllm_outputs, strict=True):
         prompt = chat_prompt(proc, QUESTION, len(s))
         hf_ids, hf_tokens, hf_gaps = _hf_greedy(hf_model, proc, prompt, [photos[i] for i in s])
         # same prompt expansion (image placeholders -> the same number of image tokens)

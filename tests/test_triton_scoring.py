@@ -60,7 +60,7 @@ def test_kernel_tests_in_interpreter_subprocess():
          "-k", "not interpreter_subprocess and not compile_for and not import_without"],
         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
         timeout=900, check=False,
-    )  # fmt: skip
+    )
     summary = result.stdout[-6000:]
     passed = re.search(r"(\d+) passed", summary)
     assert result.returncode == 0 and passed and int(passed.group(1)) >= 14, summary
@@ -144,7 +144,7 @@ def _block_configs():
     """The autotuner's configs on a GPU; small, differently shaped tiles in the interpreter."""
     if DEVICE == "cuda":
         pairs = zip(triton_scoring._query_lse_tuned.configs,
-                    triton_scoring._key_colsum_tuned.configs)  # fmt: skip
+                    triton_scoring._key_colsum_tuned.configs, strict=False)
         return [pytest.param(a, b, id=f"cfg{i}") for i, (a, b) in enumerate(pairs)]
     if DEVICE is None:
         return [pytest.param(None, None, id="no-kernels")]
@@ -163,7 +163,7 @@ def test_every_block_config(lse_config, colsum_config, monkeypatch):
     monkeypatch.setitem(triton_scoring._FORCED_CONFIGS, "key_colsum", colsum_config)
     length = 300 if DEVICE == "cuda" else 83
     queries, keys = make_qk(4, 2, 128 if DEVICE == "cuda" else 64, length, length,
-                            torch.bfloat16, seed=6)  # fmt: skip
+                            torch.bfloat16, seed=6)
     for lq, query_start in [(length, 0), (length // 2, length // 3), (5, length - 5)]:
         q = queries[:, query_start : query_start + lq]
         scores = triton_scoring.triton_accumulated_attention(q, keys, query_start)
@@ -252,7 +252,7 @@ def test_cosine_argmax_matches_assign_to_kept(dtype, grouped):
     torch.testing.assert_close(
         similarity[valid].double().cpu(), expected.similarity[expected.valid].cpu(),
         rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.gpu
@@ -323,5 +323,5 @@ def test_kernels_compile_for_ampere_and_hopper_without_gpu():
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
         timeout=600, check=False,
-    )  # fmt: skip
+    )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

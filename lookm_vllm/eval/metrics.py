@@ -220,7 +220,7 @@ def token_agreement(tokens: Sequence[int], reference: Sequence[int]) -> tuple[fl
     longest = max(len(tokens), len(reference))
     if longest == 0:
         return 1.0, None
-    pairs = list(zip(tokens, reference))
+    pairs = list(zip(tokens, reference, strict=False))
     matches = sum(a == b for a, b in pairs)
     first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
     if first is None and len(tokens) != len(reference):

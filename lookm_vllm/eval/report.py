@@ -179,7 +179,7 @@ def format_table(table: dict[str, Any]) -> str:
     rows = table_rows(table)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in
-                       enumerate(zip(r, widths))) for r in rows]
+                       enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -206,7 +206,7 @@ def plot(table: dict[str, Any], path: str | Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = (("Avg", "Score (Avg over tasks, %)"), ("Token match", "Token match with full cache"))
-    for ax, (column, label) in zip(axes, panels):
+    for ax, (column, label) in zip(axes, panels, strict=True):
         by_method: dict[str, list[tuple[float, float]]] = {}
         for row in table["rows"]:
             value = row["values"][column]

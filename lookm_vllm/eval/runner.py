@@ -284,7 +284,7 @@ def execute(plan: RunPlan, backend_factory: Callable[[int], Backend], *,
                         raise RuntimeError(f"generation failed for task {task.name}, "
                                            f"{cell.name}, samples [{ids}]: {exc}{hint}") from exc
                     store.append([_record(samples[(task.name, str(r.sample_id))], r, g)
-                                  for r, g in zip(batch, outputs)])
+                                  for r, g in zip(batch, outputs, strict=True)])
                     done += len(batch)
                     bar.update(len(batch))
     finally:

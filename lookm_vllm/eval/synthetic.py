@@ -48,8 +48,9 @@ TASKS: tuple[str, ...] = ("SynthImageNeedleInAHaystack", "SynthTextNeedleInAHays
                           "SynthCaption")
 # Filler for the text needle: corpus lines that say nothing about "the image" or a question.
 _FILLER = tuple(line.strip() for line in CORPUS.strip().splitlines()
-                if line.strip() and not any(w in line.lower() for w in
-                                            ("image", "picture", "photo", "answer", "question", "?")))
+                if line.strip() and not any(
+                    w in line.lower()
+                    for w in ("image", "picture", "photo", "answer", "question", "?")))
 
 _INSTRUCTIONS = {
     "SynthImageNeedleInAHaystack": [

@@ -41,14 +41,14 @@ if TRITON_AVAILABLE:
         num_evicted, num_kept,
         HAS_GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):  # fmt: skip
+    ):
         head = tl.program_id(1).to(tl.int64)
         offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         e_ok = offs_e < num_evicted
         ev = tl.load(EVICTED + head * stride_eh + offs_e[:, None] * stride_em + offs_d[None, :],
-                     mask=e_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+                     mask=e_ok[:, None] & d_ok[None, :], other=0.0)
         inv_e = tl.load(INV_E + head * stride_ieh + offs_e, mask=e_ok, other=0.0)
         if HAS_GROUPS:
             group_e = tl.load(GROUP_E + head * stride_geh + offs_e, mask=e_ok, other=-2)
@@ -59,7 +59,7 @@ if TRITON_AVAILABLE:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < num_kept
             kept = tl.load(KEPT + head * stride_kh + offs_k[:, None] * stride_kn + offs_d[None, :],
-                           mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+                           mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             inv_k = tl.load(INV_K + head * stride_ikh + offs_k, mask=k_ok, other=0.0)
             dots = tl.dot(ev, tl.trans(kept), input_precision=DOT_PRECISION)
             sim = dots * inv_e[:, None] * inv_k[None, :]
@@ -69,7 +69,7 @@ if TRITON_AVAILABLE:
                 allowed = allowed & (group_e[:, None] == group_k[None, :])
             sim = tl.where(allowed, sim, float("-inf"))
             tile_best, tile_idx = tl.max(sim, axis=1, return_indices=True,
-                                         return_indices_tie_break_left=True)  # fmt: skip
+                                         return_indices_tie_break_left=True)
             # Strictly greater: on a tie the earlier kept token wins, as in torch's max(dim).
             better = tile_best > best
             best = tl.where(better, tile_best, best)
@@ -153,7 +153,7 @@ def triton_cosine_argmax(
             kept_keys.stride(1), inv_e.stride(0), inv_k.stride(0), group_e.stride(0),
             group_k.stride(0), best.stride(0),
             num_evicted, kept_keys.shape[1],
-        )  # fmt: skip
+        )
         meta = {
             "HAS_GROUPS": has_groups,
             "HEAD_DIM": head_dim,

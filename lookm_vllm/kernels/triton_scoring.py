@@ -73,7 +73,7 @@ if TRITON_AVAILABLE:
         NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):  # fmt: skip
+    ):
         # Late query tiles see the most keys: launch them first so the tail of the grid is short.
         num_tiles = tl.cdiv(num_queries, BLOCK_M)
         pid = tl.program_id(0)
@@ -98,7 +98,7 @@ if TRITON_AVAILABLE:
         for n0 in range(0, full_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                        mask=d_ok[None, :], other=0.0)  # fmt: skip
+                        mask=d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -109,7 +109,7 @@ if TRITON_AVAILABLE:
         for n0 in range(full_end, diag_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                        mask=(offs_n[:, None] < num_keys) & d_ok[None, :], other=0.0)  # fmt: skip
+                        mask=(offs_n[:, None] < num_keys) & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             seen = (offs_n[None, :] <= positions[:, None]) & (offs_n[None, :] < num_keys)
             s = tl.where(seen, s, float("-inf"))
@@ -118,7 +118,7 @@ if TRITON_AVAILABLE:
             m_i = m_new
 
         tl.store(LSE + q_head.to(tl.int64) * stride_lh + offs_m, m_i + tl.log2(l_i),
-                 mask=offs_m < num_queries)  # fmt: skip
+                 mask=offs_m < num_queries)
 
     @triton.jit(do_not_specialize=_SIZE_ARGS)
     def _key_colsum_kernel(
@@ -128,7 +128,7 @@ if TRITON_AVAILABLE:
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):  # fmt: skip
+    ):
         # Early key tiles are seen by the most queries: launch them first.
         pid = tl.program_id(0)
         kv_head = pid % NUM_KV_HEADS
@@ -157,7 +157,7 @@ if TRITON_AVAILABLE:
                 offs_m = m0 + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < num_queries
                 q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
                 s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
                 seen = offs_n[None, :] <= (query_start + offs_m)[:, None]
@@ -166,7 +166,7 @@ if TRITON_AVAILABLE:
                 offs_m = m0 + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < num_queries
                 q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
                 s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
                 acc += tl.exp2(s - lse[:, None])
@@ -342,7 +342,7 @@ def _query_lse_log2(queries: Tensor, keys: Tensor, query_start: int, kw: dict) -
         queries, keys, lse,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), lse.stride(0),
         num_queries, num_keys, query_start, kw["qk_scale"], kw["shape_class"],
-    )  # fmt: skip
+    )
     meta = {
         "NUM_Q_HEADS": num_q_heads,
         "GROUP": num_q_heads // num_kv_heads,
@@ -443,7 +443,7 @@ def triton_accumulated_attention(
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), lse_log2.stride(0),
         out.stride(0), out.stride(1),
         num_queries, num_keys, query_start, kw["qk_scale"], kw["shape_class"],
-    )  # fmt: skip
+    )
     meta = {
         "NUM_KV_HEADS": num_kv_heads,
         "GROUP": num_q_heads // num_kv_heads,

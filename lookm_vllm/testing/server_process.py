@@ -92,7 +92,7 @@ class ServerProcess:
             pass
         self.proc.wait()
 
-    def __enter__(self) -> ServerProcess:  # noqa: PYI034
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

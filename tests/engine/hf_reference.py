@@ -64,7 +64,7 @@ def decode_from(ref: HFPrefill, keys: list[torch.Tensor], values: list[torch.Ten
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    for layer, (k, v) in enumerate(zip(keys, values)):
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
         cache.update(k[None].clone(), v[None].clone(), layer)
     prompt_len = ref.input_ids.shape[0]
     kept = keys[0].shape[1]

@@ -7,7 +7,8 @@ in its own process: ``python -m tests.engine.scenario SPEC.json OUT.json``. The 
      "flash_on_cpu": false (serve attention through the FLASH_ATTN wrappers, engine/flash_on_cpu),
      "engine": {...vllm_engine_kwargs overrides...}, "env": {...},
      "batches": [[{"images": [first, count], "question": str, "max_tokens": 16,
-                   "kv_compression": {...} | null, "n": 1, "temperature": 0.0, "seed": null}, ...], ...]}
+                   "kv_compression": {...} | null, "n": 1, "temperature": 0.0,
+                   "seed": null}, ...], ...]}
 
 Each batch is one ``LLM.generate`` call (requests in a batch run concurrently). Outputs: token ids,
 prompt length and ``kv_transfer_params`` per request, and engine metrics after each batch.
