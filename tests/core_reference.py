@@ -54,7 +54,7 @@ def _method_rank(method, scores, head, length, seed, sink_tokens):
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
         return torch.rand(scores.shape[0], length, generator=generator)[head].tolist()
-    raise AssertionError(method)
+    raise AssertionError(f"no reference for method {method!r}: write one here")
 
 
 def reference_kept_paper(method, scores, is_image, budget, recent_ratio, seed=0, sink_tokens=4):
@@ -176,6 +176,8 @@ def reference_merge(keys, values, kept, is_image, merge, merge_scope="all", targ
                         total = total + (tensor[head, j] + own) / 2
                     elif merge == "weighted":
                         total = total + sim * tensor[head, j]
+                    else:
+                        raise AssertionError(f"no reference for merge {merge!r}: write one here")
                 rows.append(total / (1 + len(received[c])))
             head_keys.append(rows[0])
             head_values.append(rows[1])

@@ -10,6 +10,7 @@ import torch
 import lookm_vllm.core.merge as merge_module
 import lookm_vllm.core.scoring as scoring_module
 from lookm_vllm.core import (
+    SELECTORS,
     AttentionAccumulator,
     CompressionConfig,
     accumulated_attention,
@@ -20,7 +21,13 @@ from lookm_vllm.core import (
 from .core_reference import reference_scores
 from .test_core_reference import LAYOUTS, image_mask
 
-METHODS = ["lookm", "h2o", "snapkv", "streaming", "random"]
+METHODS = list(SELECTORS)  # every registered method (lookm, h2o, snapkv, streaming, random)
+
+
+def always_kept(config, is_image):
+    """The method's protected positions besides the recent window (all False if it has none)."""
+    kept = selector_for(config).always_kept(is_image)
+    return torch.zeros_like(is_image) if kept is None else kept
 
 
 def layer(seed: int, length: int = 120, heads: int = 4, head_dim: int = 32,
@@ -56,9 +63,10 @@ def test_kept_count_is_the_same_for_every_head(method, merge, budget):
     out = compress(keys, values, scores, is_image, config)
     assert_consistent(out, 120)
     n_recent = int(config.recent_ratio * 120)
-    n_text_older = int((~is_image[: 120 - n_recent]).sum())
+    # LOOK-M protects the text: max(n_text_older, N); a method protecting nothing keeps N.
+    n_protected_older = int(always_kept(config, is_image)[: 120 - n_recent].sum())
     important = int(budget * 120) - n_recent
-    expected = max(n_text_older, important) if method == "lookm" else important
+    expected = max(n_protected_older, important)
     assert out.num_kept == expected + n_recent
 
 
@@ -105,7 +113,7 @@ def test_lookm_leaves_text_only_prompts_alone_and_needs_no_scores():
         assert out.keys is keys and not out.compressed
 
 
-@pytest.mark.parametrize("method", ["streaming", "random"])
+@pytest.mark.parametrize("method", [m for m in METHODS if not SELECTORS[m].needs_scores])
 def test_positional_methods_need_no_scores(method):
     keys, values, _ = layer(2)
     out = compress(keys, values, None, image_mask("start", 120),
@@ -253,7 +261,7 @@ def expected_kept_evictable(config, is_image, evictable, keep_multiple):
     """The documented k, from the layout alone (vector ops, no scores)."""
     length = is_image.shape[0]
     recent = torch.arange(length) >= length - int(config.recent_ratio * length)
-    protected = recent | ~is_image if config.method == "lookm" else recent
+    protected = recent | always_kept(config, is_image)  # LOOK-M: recent | text
     important = int(config.budget * length) - int(config.recent_ratio * length)
     selected = max(0, important - int((protected & ~recent).sum()))
     candidates = int((~protected).sum())
@@ -296,7 +304,8 @@ def test_evictable_positions_and_rounding(method, keep_multiple):
     assert_consistent(out, 160)
     assert_engine_rule(out, config, scores, is_image, evictable, keep_multiple)
     assert out.num_kept_evictable < int(evictable.sum())
-    assert out.num_kept_evictable > 0 or method == "lookm"  # LOOK-M: text fills the budget
+    # LOOK-M: its protected text may fill the budget.
+    assert out.num_kept_evictable > 0 or always_kept(config, is_image).any()
     # Rounding only keeps more (each head's next-best evictable positions), never other ones.
     unrounded = compress(keys, values, scores, is_image, config, evictable=evictable)
     assert (out.kept_mask >= unrounded.kept_mask).all()

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from lookm_vllm.core import CompressionConfig, accumulated_attention, compress
+from lookm_vllm.core import MERGES as REGISTERED_MERGES
+from lookm_vllm.core import SELECTORS, CompressionConfig, accumulated_attention, compress
 
 from .core_reference import (
     reference_kept_engine,
@@ -21,8 +22,10 @@ GROUPS = [1, 2, 4, 8]  # query heads per KV head (GQA ratio)
 HEAD_DIMS = [64, 80, 128]
 LAYOUTS = ["none", "start", "middle", "end", "many", "in_recent", "all"]
 BUDGETS = [(0.2, 0.1), (0.5, 0.1), (0.05, 0.02), (0.3, 0.0), (0.6, 0.3)]
-METHODS = ["lookm", "h2o", "snapkv", "streaming", "random"]
-MERGES = ["none", "average", "pivotal", "weighted"]
+# Every registered method and merge, each of which needs its own independent reference in
+# core_reference.py: lookm, h2o, snapkv, streaming, random; none, average, pivotal, weighted.
+METHODS = list(SELECTORS)
+MERGES = ["none", *sorted(REGISTERED_MERGES)]
 SCOPES = ["all", "same_modality"]
 
 

@@ -12,6 +12,7 @@ Per layer, at the end of prefill::
 from .compress import CompressedKV, compress
 from .config import CompressionConfig
 from .merge import (
+    MERGES,
     Assignment,
     AverageMerge,
     KVMerge,
@@ -21,6 +22,7 @@ from .merge import (
 )
 from .scoring import AttentionAccumulator, accumulated_attention, scoring_queries, snapkv_pool
 from .selection import (
+    SELECTORS,
     H2OSelector,
     RandomSelector,
     Selection,
@@ -35,6 +37,8 @@ from .selection import (
 )
 
 __all__ = [
+    "MERGES",
+    "SELECTORS",
     "Assignment",
     "AttentionAccumulator",
     "AverageMerge",

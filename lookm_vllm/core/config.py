@@ -1,23 +1,69 @@
 """The one compression configuration shared by the HTTP server, the per-request API and the plugin.
 
-Defaults live here and nowhere else. ``merge`` and ``scoring`` default to ``None`` in the input and
-are resolved from ``method`` at validation time, so a dumped config always states them explicitly
-and ``model_validate_json(model_dump_json())`` round-trips to an equal object.
+Defaults live here and nowhere else, except each method's default ``merge`` and ``scoring``, which
+its selector states (``Selector.default_merge`` / ``default_scoring``). ``merge`` and ``scoring``
+default to ``None`` in the input and are resolved from ``method`` at validation time, so a dumped
+config always states them explicitly and ``model_validate_json(model_dump_json())`` round-trips to
+an equal object. The valid ``method`` and ``merge`` values are the names registered in
+:data:`~lookm_vllm.core.selection.SELECTORS` and :data:`~lookm_vllm.core.merge.MERGES`, plus
+``none``, read at validation time (docs/methods.md).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic_core import PydanticCustomError
 
-Method = Literal["lookm", "h2o", "snapkv", "streaming", "random", "none"]
-MergeName = Literal["pivotal", "average", "weighted", "none"]
+from .merge import MERGES
+from .selection import SELECTORS
+
+# The value of ``method`` and ``merge`` that turns compression or merging off.
+NO_COMPRESSION = "none"
+NO_MERGE = "none"
+
+
+def method_names() -> tuple[str, ...]:
+    """Every valid ``method``: the registered selectors (:data:`SELECTORS`), then ``none``."""
+    return (*SELECTORS, NO_COMPRESSION)
+
+
+def merge_names() -> tuple[str, ...]:
+    """Every valid ``merge``: the registered merges (:data:`MERGES`), then ``none``."""
+    return (*MERGES, NO_MERGE)
+
+
+# Snapshots of the registries at import time, for type hints and ``typing.get_args``;
+# validation reads the registries themselves, so a method registered later is accepted too.
+Method = Literal[method_names()]  # type: ignore[valid-type]
+MergeName = Literal[merge_names()]  # type: ignore[valid-type]
 MergeScope = Literal["all", "same_modality"]
 Scoring = Literal["full", "window"]
 
-# Methods whose selection ranks tokens by attention; the others need no queries at all.
-ATTENTION_METHODS: frozenset[str] = frozenset({"lookm", "h2o", "snapkv"})
+
+def _registered(names: Callable[[], tuple[str, ...]]) -> Any:
+    """A ``str`` field whose allowed values are read from a registry at validation time.
+
+    Invalid values get pydantic's own ``Literal`` error (``literal_error``, "Input should be
+    'a', 'b' or 'c'"), and the JSON schema lists the values as an ``enum``.
+    """
+    def check(value: Any) -> str:
+        allowed = names()
+        if isinstance(value, str) and value in allowed:
+            return value
+        quoted = [repr(name) for name in allowed]
+        expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": expected})
+
+    return Annotated[str, PlainValidator(check, json_schema_input_type=str),
+                     Field(json_schema_extra=lambda schema: schema.update(enum=list(names())))]
+
+
+MethodField = _registered(method_names)
+MergeField = _registered(merge_names)
 
 
 class CompressionConfig(BaseModel):
@@ -26,9 +72,10 @@ class CompressionConfig(BaseModel):
     Parameters
     ----------
     method : {"lookm", "h2o", "snapkv", "streaming", "random", "none"}
-        Which tokens to keep. ``lookm`` is the paper's text-prior selection (only image tokens are
-        ever evicted); the others are the paper's baselines plus a random control. ``none``
-        disables compression and ignores every other field.
+        Which tokens to keep: a name in ``SELECTORS``, or ``none``. ``lookm`` is the paper's
+        text-prior selection (only image tokens are ever evicted); the others are the paper's
+        baselines plus a random control (docs/methods.md). ``none`` disables compression and
+        ignores every other field.
     budget : float
         Fraction of the prompt KV kept, the paper's alpha1 + alpha2, in (0, 1]. With ``lookm`` the
         real kept fraction can be larger: all text is kept whatever the budget.
@@ -36,8 +83,9 @@ class CompressionConfig(BaseModel):
         The paper's alpha1: the last ``int(recent_ratio * L)`` positions (the recent window) are
         always kept. Part of the budget, so ``0 <= recent_ratio <= budget``.
     merge : {"pivotal", "average", "weighted", "none"}, optional
-        How evicted KV pairs are merged into kept ones (paper Eq. 9-12). Default: ``pivotal`` for
-        ``lookm`` (the paper's LOOK-M), ``none`` for the baselines. Any merge may be combined with
+        How evicted KV pairs are merged into kept ones (paper Eq. 9-12): a name in ``MERGES``, or
+        ``none``. Default: the method's ``default_merge``, ``pivotal`` for ``lookm`` (the paper's
+        LOOK-M), ``none`` for the baselines. Any merge may be combined with
         any method (e.g. ``h2o`` + ``average``); ``lookm`` + ``none`` is the paper's "TP only".
     merge_scope : {"all", "same_modality"}
         ``all`` (the paper): an evicted token merges into its most similar kept token of either
@@ -45,8 +93,9 @@ class CompressionConfig(BaseModel):
         image-into-text merging hurts at very low budgets); dropped when there is none.
     scoring : {"full", "window"}, optional
         Which queries the attention scores sum over: all prompt queries (paper Eq. 4) or only the
-        last ``window`` ones (SnapKV's observation window). Default: ``window`` for ``snapkv``,
-        ``full`` otherwise. Ignored by methods that do not rank by attention.
+        last ``window`` ones (SnapKV's observation window). Default: the method's
+        ``default_scoring``, ``window`` for ``snapkv``, ``full`` otherwise. Ignored by methods
+        that do not rank by attention.
     window : int
         Observation window W (number of last prompt queries) for ``scoring="window"``.
     seed : int
@@ -57,11 +106,11 @@ class CompressionConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Method = "lookm"
+    method: MethodField = "lookm"
     # strict: a JSON string "0.2" is a client bug worth reporting, not a number to guess at.
     budget: float = Field(default=0.2, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
     recent_ratio: float = Field(default=0.1, ge=0.0, le=1.0, strict=True, allow_inf_nan=False)
-    merge: MergeName | None = None
+    merge: MergeField | None = None
     merge_scope: MergeScope = "all"
     scoring: Scoring | None = None
     window: int = Field(default=32, ge=1, strict=True)
@@ -77,10 +126,11 @@ class CompressionConfig(BaseModel):
             return data
         data = dict(data)
         method = data.get("method", cls.model_fields["method"].default)
+        selector = SELECTORS.get(method) if isinstance(method, str) else None
         if data.get("merge") is None:
-            data["merge"] = "pivotal" if method == "lookm" else "none"
+            data["merge"] = NO_MERGE if selector is None else selector.default_merge
         if data.get("scoring") is None:
-            data["scoring"] = "window" if method == "snapkv" else "full"
+            data["scoring"] = "full" if selector is None else selector.default_scoring
         return data
 
     @model_validator(mode="after")
@@ -125,9 +175,9 @@ class CompressionConfig(BaseModel):
     @property
     def is_active(self) -> bool:
         """Whether this config can change a cache at all (not ``none``, budget below 1)."""
-        return self.method != "none" and self.budget < 1.0
+        return self.method != NO_COMPRESSION and self.budget < 1.0
 
     @property
     def needs_attention(self) -> bool:
         """Whether ``compress`` needs accumulated attention scores for this config."""
-        return self.is_active and self.method in ATTENTION_METHODS
+        return self.is_active and SELECTORS[self.method].needs_scores

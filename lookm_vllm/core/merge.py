@@ -152,7 +152,9 @@ class WeightedMerge(KVMerge):
 
 
 MERGES: dict[str, KVMerge] = {
-    "average": AverageMerge(),
     "pivotal": PivotalMerge(),
+    "average": AverageMerge(),
     "weighted": WeightedMerge(),
 }
+"""Every merge by its ``CompressionConfig.merge`` name (``"none"``, no merging, is not one); the
+order is the order in which validation messages list them."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import CompressionConfig
+if TYPE_CHECKING:  # config.py imports this module (through selection.py): no runtime import back
+    from .config import CompressionConfig
 
 # Upper bound on the elements of one [Hq, queries, keys] logits block: queries are processed in
 # chunks so a 16k-token prompt never materialises an L x L matrix (64 MiB per block in float32).

@@ -42,13 +42,16 @@ best of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
-from .config import CompressionConfig
 from .scoring import SNAPKV_POOL_KERNEL, snapkv_pool
+
+if TYPE_CHECKING:  # config.py reads SELECTORS at import time: no runtime import back
+    from .config import CompressionConfig
 
 
 def recent_window_size(length: int, recent_ratio: float) -> int:
@@ -63,11 +66,32 @@ def important_count(length: int, budget: float, recent_ratio: float) -> int:
 
 @dataclass(frozen=True)
 class Selector:
-    """Ranks the older prompt positions of every KV head; higher is kept first.
+    """A compression method: ranks the older prompt positions of every KV head (higher is kept
+    first) and says which positions it never evicts.
 
     Subclasses override :meth:`rank` and, to protect positions beyond the recent window,
-    :meth:`always_kept`.
+    :meth:`always_kept`; one entry in :data:`SELECTORS` makes the method known to
+    :class:`CompressionConfig`, :func:`compress` and the engine (see docs/methods.md).
+
+    Attributes
+    ----------
+    needs_scores : bool
+        Whether :meth:`rank` reads the accumulated attention scores (False: the engine captures
+        no queries for the method).
+    default_merge : str
+        ``CompressionConfig.merge`` when the request gives none (a :data:`MERGES` name or
+        ``"none"``).
+    default_scoring : str
+        ``CompressionConfig.scoring`` when the request gives none (``"full"`` or ``"window"``).
     """
+
+    needs_scores: ClassVar[bool] = True
+    default_merge: ClassVar[str] = "none"
+    default_scoring: ClassVar[str] = "full"
+
+    def configured(self, config: CompressionConfig) -> Selector:
+        """This selector with the parameters ``config`` sets (itself by default)."""
+        return self
 
     def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
         """Per-head ranking ``[H, L]`` (by default: the accumulated attention scores)."""
@@ -91,6 +115,8 @@ class TextPriorSelector(Selector):
     zero-score text token with the best image token or be rounded away in low precision.
     """
 
+    default_merge: ClassVar[str] = "pivotal"
+
     def always_kept(self, is_image: Tensor) -> Tensor:
         return ~is_image
 
@@ -105,6 +131,7 @@ class SnapKVSelector(Selector):
     """SnapKV: observation-window scores, average-pooled over the key axis, per-head top-N."""
 
     kernel_size: int = SNAPKV_POOL_KERNEL
+    default_scoring: ClassVar[str] = "window"
 
     def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
         return snapkv_pool(super().rank(scores, num_heads, length), self.kernel_size)
@@ -115,6 +142,10 @@ class StreamingSelector(Selector):
     """StreamingLLM: the first ``sink_tokens`` positions, then the most recent ones."""
 
     sink_tokens: int = 4
+    needs_scores: ClassVar[bool] = False
+
+    def configured(self, config: CompressionConfig) -> StreamingSelector:
+        return replace(self, sink_tokens=config.sink_tokens)
 
     def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
         rank = torch.arange(length, dtype=torch.float32)
@@ -128,25 +159,34 @@ class RandomSelector(Selector):
     """Random eviction (a control): ``torch.rand([H, L])`` from a CPU generator seeded ``seed``."""
 
     seed: int = 0
+    needs_scores: ClassVar[bool] = False
+
+    def configured(self, config: CompressionConfig) -> RandomSelector:
+        return replace(self, seed=config.seed)
 
     def rank(self, scores: Tensor | None, num_heads: int, length: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed)
         return torch.rand(num_heads, length, generator=generator)
 
 
+SELECTORS: dict[str, Selector] = {
+    "lookm": TextPriorSelector(),
+    "h2o": H2OSelector(),
+    "snapkv": SnapKVSelector(),
+    "streaming": StreamingSelector(),
+    "random": RandomSelector(),
+}
+"""Every compression method by its ``CompressionConfig.method`` name (``"none"``, no compression,
+is not one). Adding an entry is all it takes to add a method (docs/methods.md); the order is the
+order in which validation messages list the methods."""
+
+
 def selector_for(config: CompressionConfig) -> Selector:
-    """The selector of ``config.method`` (not defined for ``none``)."""
-    if config.method == "lookm":
-        return TextPriorSelector()
-    if config.method == "h2o":
-        return H2OSelector()
-    if config.method == "snapkv":
-        return SnapKVSelector()
-    if config.method == "streaming":
-        return StreamingSelector(sink_tokens=config.sink_tokens)
-    if config.method == "random":
-        return RandomSelector(seed=config.seed)
-    raise ValueError(f"method {config.method!r} selects nothing")
+    """The selector of ``config.method`` with ``config``'s parameters (none for ``none``)."""
+    selector = SELECTORS.get(config.method)
+    if selector is None:
+        raise ValueError(f"method {config.method!r} selects nothing")
+    return selector.configured(config)
 
 
 @dataclass(frozen=True)

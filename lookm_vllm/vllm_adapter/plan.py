@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from lookm_vllm.core import CompressionConfig, recent_window_size, scoring_queries
+from lookm_vllm.core import (
+    SELECTORS,
+    CompressionConfig,
+    recent_window_size,
+    scoring_queries,
+    selector_for,
+)
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,14 @@ class RequestPlan:
         recent_start = self.prompt_len - recent_window_size(self.prompt_len,
                                                               self.config.recent_ratio)
         num_blocks = recent_start // block_size
-        if self.config.method != "lookm":
+        # The positions the method never evicts (LOOK-M: text) pin their blocks; "none" has no
+        # selector and pins nothing.
+        always_kept = (selector_for(self.config).always_kept(self.is_image())
+                       if self.config.method in SELECTORS else None)
+        if always_kept is None:
             return list(range(num_blocks))
-        whole = self.is_image()[:num_blocks * block_size].view(num_blocks, block_size).all(dim=1)
-        return whole.nonzero().flatten().tolist()
+        pinned = always_kept[:num_blocks * block_size].view(num_blocks, block_size).any(dim=1)
+        return (~pinned).nonzero().flatten().tolist()
 
     def evictable_block_ids(self, block_size: int, device=None) -> torch.Tensor:
         """int64 :meth:`evictable_blocks` as a tensor on ``device``."""
