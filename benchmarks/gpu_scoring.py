@@ -14,11 +14,11 @@ after every section, so a killed run keeps what it measured):
    head_dim 80 in fp16, an observation window, and prefill-chunk accumulation through ``out``.
 2. kept sets: realistic structured q/k (RoPE, attention sink, image tokens in clusters) at 9.8k
    tokens; the kept sets of LOOK-M (50 % and 90 % image tokens) and H2O selected from Triton
-   scores vs from float64 scores; the fused merge assignment vs ``lookm_vllm.core``'s.
+   scores vs from float64 scores; the Triton merge assignment vs ``lookm_vllm.core``'s torch one.
 3. timings at L = 2k, 9.8k, 16k, per layer and for 32 layers (one layer timed, times 32: every
    layer has the same shapes): Triton full scoring (and its two passes), the core torch scoring
    (chunked float32), window scoring (W = 32), ``compress`` per merge (pivotal / average /
-   weighted, selection included) with the core torch assignment and with the fused Triton one,
+   weighted, selection included) with ``kernel="torch"`` and ``kernel="triton"`` (the assignment),
    and the prefill of 32 random Llama-7B decoder layers with SDPA (flash) at the same length.
 
 FLOP convention: a causal (query, key) pair costs 2 * d FLOPs per query head for q . k. The
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -552,7 +553,7 @@ def section_correctness(record: dict, plan: dict) -> None:
         stats["first_call_s"] = round(first_call_s, 2)
         if accumulated_attention is not None:
             stats["core_torch_max_abs"] = error_stats(
-                accumulated_attention(queries, keys), reference
+                accumulated_attention(queries, keys, kernel="torch"), reference
             )["max_abs"]
         record[case["name"]] = stats
         log(f"   {case['name']}: {stats}")
@@ -601,7 +602,7 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
                                                      device, seed=2)
         scores = triton_accumulated_attention(queries, keys)
         reference = reference_scores(queries, keys)
-        torch_scores = accumulated_attention(queries, keys)
+        torch_scores = accumulated_attention(queries, keys, kernel="torch")
         tag = f"image{int(image_fraction * 100)}"
         record[f"{tag}_scores"] = error_stats(scores, reference)
         for method in ("lookm", "h2o"):
@@ -615,7 +616,8 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
             log(f"   {tag} {method}: triton {record[f'{tag}_{method}_triton_vs_float64']}, "
                 f"core torch {record[f'{tag}_{method}_core_torch_vs_float64']}")
 
-        # Merge assignment on the LOOK-M split of this layer: fused kernel vs core (float32).
+        # Merge assignment on the LOOK-M split of this layer: the kernel (on the cached dtype, as
+        # compress hands it on CUDA) vs the core's torch path (float32).
         config = CompressionConfig(method="lookm")
         mask = select_kept(selector_for(config), scores, is_image, config, heads).kept_mask
         positions = torch.arange(length, device=device).expand(heads, length)
@@ -625,8 +627,8 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
         kept_keys = keys.gather(1, kept[..., None].expand(-1, -1, d))
         evicted_keys = keys.gather(1, evicted[..., None].expand(-1, -1, d))
         target, similarity, valid = triton_cosine_argmax(kept_keys, evicted_keys)
-        expected = assign_to_kept(kept_keys.float(), evicted_keys.float())  # what compress does
-        exact = assign_to_kept(kept_keys.double(), evicted_keys.double())
+        expected = assign_to_kept(kept_keys.float(), evicted_keys.float(), kernel="torch")
+        exact = assign_to_kept(kept_keys.double(), evicted_keys.double(), kernel="torch")
         same = target == expected.target
         # Where the targets differ, how much worse (in reference cosine) the kernel's choice is.
         kept_unit = torch.nn.functional.normalize(kept_keys.float(), dim=-1)
@@ -649,35 +651,6 @@ def section_kept_sets(record: dict, plan: dict, length: int) -> None:
         log(f"   {tag} merge assignment: {record[f'{tag}_merge_assignment']}")
         del queries, keys, reference, scores, torch_scores
         free_memory()
-
-
-def _fused_assign(cache_dtype):
-    """assign_to_kept on the fused kernel. compress hands it float32 copies of the cached keys;
-    casting them back to the cache dtype is exact and lets the kernel use tensor cores."""
-    from lookm_vllm.core.merge import Assignment
-    from lookm_vllm.kernels import triton_cosine_argmax
-
-    def assign(kept_keys, evicted_keys, kept_group=None, evicted_group=None):
-        return Assignment(*triton_cosine_argmax(
-            kept_keys.to(cache_dtype), evicted_keys.to(cache_dtype), kept_group, evicted_group
-        ))
-
-    return assign
-
-
-@contextlib.contextmanager
-def fused_assignment(cache_dtype):
-    import importlib
-
-    # The package exports the function ``compress``, which hides the module of the same name.
-    compress_module = importlib.import_module("lookm_vllm.core.compress")
-
-    original = compress_module.assign_to_kept
-    compress_module.assign_to_kept = _fused_assign(cache_dtype)
-    try:
-        yield
-    finally:
-        compress_module.assign_to_kept = original
 
 
 def section_timings(recorder, record: dict, plan: dict, length: int, args, model_box: dict):
@@ -721,28 +694,28 @@ def section_timings(recorder, record: dict, plan: dict, length: int, args, model
               4 * d * heads * causal_pairs(length, WINDOW) / 1e12, reps=reps["window"])
 
     # Core torch scoring (float32, chunked) and compress (selection + merge), with the core
-    # torch assignment and with the fused Triton one.
+    # torch assignment and with the Triton one (kernel="triton", what CUDA runs by default).
     with recorder.part(record, "core"):
         from lookm_vllm.core import CompressionConfig, accumulated_attention, compress
 
-        per_layer("torch_window", lambda: accumulated_attention(window, keys),
+        per_layer("torch_window", lambda: accumulated_attention(window, keys, kernel="torch"),
                   reps=reps["window"])
         if length in plan["torch_full_lengths"] and not over_budget(
             args, f"torch_full L={length}", record
         ):
-            per_layer("torch_full", lambda: accumulated_attention(queries, keys),
+            per_layer("torch_full", lambda: accumulated_attention(queries, keys, kernel="torch"),
                       warmup=0 if length > 10000 else 1, reps=reps["torch"])
         scores = triton_accumulated_attention(queries, keys)
         for merge in ("none",) + MERGES:
             config = CompressionConfig(method="lookm", merge=merge)
 
-            def run(config=config):
-                return compress(keys, values, scores, is_image, config)
+            def run(config=config, kernel="torch"):
+                return compress(keys, values, scores, is_image, config, kernel=kernel)
 
             per_layer(f"compress_{merge}_torch", run, reps=reps["merge"])
-            if merge != "none":
-                with fused_assignment(keys.dtype):
-                    per_layer(f"compress_{merge}_fused", run, reps=reps["merge"])
+            if merge != "none":  # the merge assignment on the Triton kernel (what CUDA runs)
+                per_layer(f"compress_{merge}_triton", functools.partial(run, kernel="triton"),
+                          reps=reps["merge"])
     # Prefill of the Llama-7B-shaped stack at the same length.
     if over_budget(args, f"prefill L={length}", record):
         return
@@ -781,15 +754,15 @@ def section_timings(recorder, record: dict, plan: dict, length: int, args, model
 
     ratios = {}
     for name, parts in {
-        "triton_full_plus_pivotal_fused_over_prefill": ("triton_full", "compress_pivotal_fused"),
+        "triton_full_plus_pivotal_triton_over_prefill": ("triton_full", "compress_pivotal_triton"),
         "triton_full_plus_pivotal_torch_over_prefill": ("triton_full", "compress_pivotal_torch"),
         "torch_full_plus_pivotal_torch_over_prefill": ("torch_full", "compress_pivotal_torch"),
-        "triton_pass2_plus_pivotal_fused_over_prefill": (
-            "triton_pass2_given_lse", "compress_pivotal_fused"),
+        "triton_pass2_plus_pivotal_triton_over_prefill": (
+            "triton_pass2_given_lse", "compress_pivotal_triton"),
         "triton_full_over_prefill": ("triton_full",),
         "triton_window_over_prefill": ("triton_window",),
-        "triton_window_plus_pivotal_fused_over_prefill": (
-            "triton_window", "compress_pivotal_fused"),
+        "triton_window_plus_pivotal_triton_over_prefill": (
+            "triton_window", "compress_pivotal_triton"),
     }.items():
         times = [x32(key) for key in parts]
         if all(t is not None for t in times):
@@ -813,7 +786,7 @@ def print_table(results: dict) -> None:
         ("compress, selection only", lambda t: t.get("compress_none_torch", {}).get(x32), ".1f"),
     ]
     for merge in MERGES:
-        for variant in ("torch", "fused"):
+        for variant in ("torch", "triton"):
             key = f"compress_{merge}_{variant}"
             rows.append((f"compress {merge} ({variant} assign)",
                          lambda t, key=key: t.get(key, {}).get(x32), ".1f"))
@@ -822,10 +795,10 @@ def print_table(results: dict) -> None:
         ("triton full, TFLOP/s executed", lambda t: t.get("triton_full", {}).get("tflops"), ".0f"),
     ]
     for label, ratio in [
-        ("(triton full + pivotal fused)/prefill", "triton_full_plus_pivotal_fused_over_prefill"),
+        ("(triton full + pivotal triton)/prefill", "triton_full_plus_pivotal_triton_over_prefill"),
         ("(triton full + pivotal torch)/prefill", "triton_full_plus_pivotal_torch_over_prefill"),
         ("(torch full + pivotal torch)/prefill", "torch_full_plus_pivotal_torch_over_prefill"),
-        ("(pass 2 only + pivotal fused)/prefill", "triton_pass2_plus_pivotal_fused_over_prefill"),
+        ("(pass 2 only + pivotal triton)/prefill", "triton_pass2_plus_pivotal_triton_over_prefill"),
         ("triton window / prefill", "triton_window_over_prefill"),
     ]:
         rows.append((label, lambda t, ratio=ratio: t.get("ratios", {}).get(ratio), ".3f"))
@@ -857,9 +830,6 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    # The core's own CUDA dispatch would turn its "core torch" rows into Triton runs: keep the
-    # core on its torch path here; the kernels are timed by name.
-    os.environ["LOOKM_TRITON"] = "0"
     args = parse_args(argv)
     if args.cpu_smoke:  # must precede the first import of triton / the kernels
         os.environ.setdefault("TRITON_INTERPRET", "1")

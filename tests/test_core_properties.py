@@ -480,3 +480,24 @@ def test_cuda_matches_cpu(method):
     assert torch.equal(cuda.kept.cpu(), cpu.kept)
     torch.testing.assert_close(cuda.keys.cpu(), cpu.keys, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cuda.values.cpu(), cpu.values, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_choice_is_an_explicit_argument():
+    """"torch" / "triton" are obeyed as given; "auto" picks Triton only for CUDA tensors (and
+    LOOKM_TRITON=0 turns that off); anything else is refused. Asking for Triton where it cannot
+    run fails loudly instead of falling back."""
+    from lookm_vllm.core import AttentionAccumulator, accumulated_attention
+    from lookm_vllm.core.dispatch import use_triton
+
+    cpu = torch.zeros(1)
+    assert (use_triton("torch", cpu), use_triton("triton", cpu), use_triton("auto", cpu)) == \
+        (False, True, False)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        use_triton("cuda", cpu)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        AttentionAccumulator(2, kernel="fast")
+    queries, keys = torch.randn(4, 8, 16), torch.randn(2, 8, 16)
+    torch.testing.assert_close(accumulated_attention(queries, keys, kernel="torch"),
+                               accumulated_attention(queries, keys))
+    with pytest.raises((ValueError, RuntimeError, ImportError)):
+        accumulated_attention(queries, keys, kernel="triton")   # no GPU, no interpreter

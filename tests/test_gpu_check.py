@@ -91,3 +91,22 @@ def test_damaged_run_is_detected(cpu_run, damage):
     if damage == "kept_entry":
         assert record["layers"][0]["rows_out_of_tolerance"] == 1
         assert record["layers"][0]["max_abs_diff"] >= 0.5
+
+
+def test_gpu_scoring_benchmark_cpu_smoke(tmp_path):
+    """benchmarks/gpu_scoring.py's code path (Triton through its interpreter on tiny sizes): every
+    section runs without error and the core rows name their kernel explicitly (no environment
+    override, no patched functions)."""
+    out = tmp_path / "gpu_scoring.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_scoring.py"),
+                           "--cpu-smoke", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == {}
+    timings = [v for k, v in report["sections"].items() if k.startswith("timings_")]
+    assert timings
+    for section in timings:
+        for merge in ("pivotal", "average", "weighted"):
+            assert section[f"compress_{merge}_torch"]["median_ms"] > 0
+            assert section[f"compress_{merge}_triton"]["median_ms"] > 0

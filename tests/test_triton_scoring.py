@@ -176,11 +176,37 @@ def test_every_block_config(lse_config, colsum_config, monkeypatch):
 def test_matches_core_accumulated_attention():
     queries, keys = make_qk(8, 2, 64, 120, 120, torch.float32, seed=3)
     scores = triton_scoring.triton_accumulated_attention(queries, keys)
-    torch.testing.assert_close(scores, accumulated_attention(queries, keys), rtol=1e-5, atol=1e-6)
+    # kernel="torch": the core's reference path, even on CUDA (where "auto" is these kernels)
+    torch.testing.assert_close(scores, accumulated_attention(queries, keys, kernel="torch"),
+                               rtol=1e-5, atol=1e-6)
     window = triton_scoring.triton_accumulated_attention(queries[:, -16:], keys)
     torch.testing.assert_close(
-        window, accumulated_attention(queries[:, -16:], keys), rtol=1e-5, atol=1e-6
+        window, accumulated_attention(queries[:, -16:], keys, kernel="torch"), rtol=1e-5,
+        atol=1e-6
     )
+
+
+@needs_kernels
+@pytest.mark.skipif(accumulated_attention is None, reason="lookm_vllm.core not available")
+def test_core_kernel_argument_selects_the_implementation():
+    """``kernel="triton"`` runs the kernels from the core API (interpreter on CPU, compiled on
+    CUDA) and agrees with ``kernel="torch"``; the environment plays no part."""
+    from lookm_vllm.core import AttentionAccumulator
+
+    queries, keys = make_qk(8, 2, 64, 96, 96, torch.float32, seed=4)
+    torch.testing.assert_close(accumulated_attention(queries, keys, kernel="triton"),
+                               accumulated_attention(queries, keys, kernel="torch"),
+                               rtol=1e-5, atol=1e-6)
+    chunked = AttentionAccumulator(2, kernel="triton")
+    chunked.update(queries[:, :50], keys[:, :50], 0)
+    chunked.update(queries[:, 50:], keys, 50)
+    torch.testing.assert_close(chunked.scores, accumulated_attention(queries, keys,
+                                                                     kernel="torch"),
+                               rtol=1e-5, atol=1e-6)
+    kept, evicted = keys[:, :30], keys[:, 30:]
+    fast = assign_to_kept(kept, evicted, kernel="triton")
+    slow = assign_to_kept(kept, evicted, kernel="torch")
+    assert (fast.target == slow.target).float().mean() > 0.99
 
 
 @needs_kernels

@@ -7,10 +7,13 @@ Per layer, at the end of prefill::
     out = compress(keys, values, acc.scores, is_image, config)
 
 ``scoring_queries(config, prompt_len)`` says how many of the last prompt queries must be fed.
+The heavy loops run in torch or, on CUDA, in the Triton kernels: ``kernel="auto" | "torch" |
+"triton"`` on each function that has both (:mod:`.dispatch`).
 """
 
 from .compress import CompressedKV, compress
 from .config import CompressionConfig
+from .dispatch import KERNELS, Kernel
 from .merge import (
     MERGES,
     Assignment,
@@ -37,6 +40,7 @@ from .selection import (
 )
 
 __all__ = [
+    "KERNELS",
     "MERGES",
     "SELECTORS",
     "Assignment",
@@ -46,6 +50,7 @@ __all__ = [
     "CompressionConfig",
     "H2OSelector",
     "KVMerge",
+    "Kernel",
     "PivotalMerge",
     "RandomSelector",
     "Selection",

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .config import CompressionConfig
+from .dispatch import Kernel, use_triton
 from .merge import MERGES, assign_to_kept
 from .selection import select_kept, selector_for
 
@@ -70,6 +71,7 @@ def compress(
     evictable: Tensor | None = None,
     keep_multiple: int = 1,
     merge_into_non_evictable: bool = True,
+    kernel: Kernel = "auto",
 ) -> CompressedKV:
     """Compress one layer's prompt KV cache as ``config`` says (LOOK-M by default).
 
@@ -97,6 +99,8 @@ def compress(
         If False, evicted tokens merge only into kept *evictable* tokens, so non-evictable entries
         come back bit-identical and an engine need not rewrite their blocks. True (the paper: any
         kept token may receive) by default.
+    kernel : {"auto", "torch", "triton"}
+        The merge assignment's implementation (:mod:`lookm_vllm.core.dispatch`).
 
     Returns
     -------
@@ -157,9 +161,17 @@ def compress(
             config, is_image, evictable, kept, evicted, merge_into_non_evictable
         )
         compute_dtype = torch.promote_types(keys.dtype, torch.float32)
-        kept_keys = kept_keys.to(compute_dtype)
-        evicted_keys = _gather_positions(keys, evicted).to(compute_dtype)
-        assignment = assign_to_kept(kept_keys, evicted_keys, kept_group, evicted_group)
+        evicted_keys = _gather_positions(keys, evicted)
+        if use_triton(kernel, keys):
+            # The kernel takes the cached dtype as is: the same values, multiplied on tensor
+            # cores and accumulated in float32 (a float32 copy would only slow it down).
+            assignment = assign_to_kept(kept_keys, evicted_keys, kept_group, evicted_group,
+                                        kernel="triton")
+            kept_keys, evicted_keys = kept_keys.to(compute_dtype), evicted_keys.to(compute_dtype)
+        else:
+            kept_keys, evicted_keys = kept_keys.to(compute_dtype), evicted_keys.to(compute_dtype)
+            assignment = assign_to_kept(kept_keys, evicted_keys, kept_group, evicted_group,
+                                        kernel="torch")
         merge = MERGES[config.merge]
         kept_keys = merge(kept_keys, evicted_keys, assignment).to(keys.dtype)
         kept_values = merge(

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .dispatch import Kernel, use_triton
+
 # Upper bound on the elements of one [H, evicted, kept] similarity block (128 MiB in float32).
 _MAX_BLOCK_ELEMENTS = 1 << 25
 
@@ -54,6 +56,7 @@ def assign_to_kept(
     evicted_keys: Tensor,
     kept_group: Tensor | None = None,
     evicted_group: Tensor | None = None,
+    kernel: Kernel = "auto",
 ) -> Assignment:
     """Send every evicted token to its most cosine-similar allowed kept token, per head.
 
@@ -66,17 +69,18 @@ def assign_to_kept(
     kept_group, evicted_group : Tensor, optional
         int64 ``[H, K]`` and ``[H, E]``: an evicted token may only merge into a kept token of the
         same group (e.g. its modality); kept tokens of group -1 receive nothing. Both or neither.
+    kernel : {"auto", "torch", "triton"}
+        The implementation (:mod:`lookm_vllm.core.dispatch`).
 
     Returns
     -------
     Assignment
     """
-    if evicted_keys.is_cuda:
-        from lookm_vllm.kernels import triton_cosine_argmax, triton_dispatch
+    if use_triton(kernel, evicted_keys):
+        from lookm_vllm.kernels import triton_cosine_argmax
 
-        if triton_dispatch(evicted_keys):
-            return Assignment(*triton_cosine_argmax(kept_keys, evicted_keys, kept_group,
-                                                    evicted_group))
+        return Assignment(*triton_cosine_argmax(kept_keys, evicted_keys, kept_group,
+                                                evicted_group))
     num_heads, num_evicted, _ = evicted_keys.shape
     num_kept = kept_keys.shape[1]
     kept_unit = torch.nn.functional.normalize(kept_keys, dim=-1).transpose(1, 2)

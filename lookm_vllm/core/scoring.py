@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import Kernel, check_kernel, use_triton
+
 if TYPE_CHECKING:  # config.py imports this module (through selection.py): no runtime import back
     from .config import CompressionConfig
 
@@ -45,6 +47,9 @@ class AttentionAccumulator:
         Number of KV heads of the layer.
     scale : float, optional
         Softmax scale; ``1 / sqrt(head_dim)`` when not given.
+    kernel : {"auto", "torch", "triton"}
+        The implementation (:mod:`lookm_vllm.core.dispatch`); ``"auto"``: Triton for CUDA tensors
+        unless ``LOOKM_TRITON=0``.
 
     Attributes
     ----------
@@ -55,11 +60,13 @@ class AttentionAccumulator:
 
     num_kv_heads: int
     scale: float | None = None
+    kernel: Kernel = "auto"
     scores: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads < 1:
             raise ValueError(f"num_kv_heads must be >= 1, got {self.num_kv_heads}")
+        check_kernel(self.kernel)
         self.scores = torch.zeros(self.num_kv_heads, 0, dtype=torch.float32)
 
     def update(self, queries: Tensor, keys: Tensor, query_start: int) -> None:
@@ -95,13 +102,12 @@ class AttentionAccumulator:
         if num_queries == 0:
             return
 
-        if queries.is_cuda:
-            from lookm_vllm.kernels import triton_accumulated_attention, triton_dispatch
+        if use_triton(self.kernel, queries):
+            from lookm_vllm.kernels import triton_accumulated_attention
 
-            if triton_dispatch(queries):
-                triton_accumulated_attention(queries, keys, query_start,
-                                             out=self.scores[:, :num_keys], scale=self.scale)
-                return
+            triton_accumulated_attention(queries, keys, query_start,
+                                         out=self.scores[:, :num_keys], scale=self.scale)
+            return
         group = num_q_heads // num_kv_heads
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
         # [Hq, Lq, d] -> [Hkv, group, Lq, d]: consecutive query heads share a KV head.
@@ -135,7 +141,8 @@ class AttentionAccumulator:
                                                probabilities).squeeze(1)
 
 
-def accumulated_attention(queries: Tensor, keys: Tensor, scale: float | None = None) -> Tensor:
+def accumulated_attention(queries: Tensor, keys: Tensor, scale: float | None = None,
+                          kernel: Kernel = "auto") -> Tensor:
     """Accumulated attention of the last ``Lq`` prompt queries onto all prompt keys (Eq. 4).
 
     Parameters
@@ -148,13 +155,15 @@ def accumulated_attention(queries: Tensor, keys: Tensor, scale: float | None = N
         ``Hkv``; query heads are summed onto their KV head (see the module docstring).
     scale : float, optional
         Softmax scale; ``1 / sqrt(d)`` when not given.
+    kernel : {"auto", "torch", "triton"}
+        The implementation (:mod:`lookm_vllm.core.dispatch`).
 
     Returns
     -------
     Tensor
         float32 ``[Hkv, L]`` scores, computed in float32 whatever the input dtype.
     """
-    accumulator = AttentionAccumulator(keys.shape[0], scale=scale)
+    accumulator = AttentionAccumulator(keys.shape[0], scale=scale, kernel=kernel)
     accumulator.update(queries, keys, query_start=keys.shape[1] - queries.shape[1])
     return accumulator.scores
 
