@@ -134,10 +134,9 @@ def reference_kept_engine(method, scores, is_image, budget, recent_ratio, evicta
     return kept
 
 
-def reference_merge(keys, values, kept, is_image, merge, merge_scope="all", targets_ok=None):
+def reference_merge(keys, values, kept, is_image, merge, merge_scope="all"):
     """Eq. 9-12 token by token: each evicted pair joins its most key-cosine-similar kept pair.
 
-    ``targets_ok[j]`` False forbids position j as a target (engine's non-evictable rows).
     Returns keys and values ``[H, K, d]`` for the kept positions, in float64.
     """
     num_heads, length, _ = keys.shape
@@ -153,8 +152,6 @@ def reference_merge(keys, values, kept, is_image, merge, merge_scope="all", targ
             best, best_sim = None, -math.inf
             for c, sim in zip(kept_h, similarities, strict=True):
                 if merge_scope == "same_modality" and bool(is_image[c]) != bool(is_image[j]):
-                    continue
-                if targets_ok is not None and not targets_ok[c]:
                     continue
                 if sim > best_sim:
                     best, best_sim = c, sim

@@ -441,21 +441,6 @@ def test_rounding_beyond_the_evictable_count_keeps_everything():
     assert out.num_kept_evictable == int(evictable.sum())
 
 
-def test_non_evictable_rows_can_be_left_untouched():
-    keys, values, scores, is_image, evictable = engine_inputs(10)
-    config = CompressionConfig(budget=0.5)
-    free = compress(keys, values, scores, is_image, config, evictable=evictable)
-    pinned = compress(keys, values, scores, is_image, config, evictable=evictable,
-                      merge_into_non_evictable=False)
-    assert torch.equal(free.kept, pinned.kept)
-    fixed = ~evictable[pinned.kept]  # [H, K]: rows of non-evictable positions
-    assert free.merge_counts[fixed].any()  # the paper merges into them
-    assert not pinned.merge_counts[fixed].any()
-    original = keys.gather(1, pinned.kept[..., None].expand(-1, -1, 32))
-    assert torch.equal(pinned.keys[fixed], original[fixed])
-    assert pinned.merge_counts.sum() == free.merge_counts.sum()  # moved, not dropped
-
-
 # Devices -------------------------------------------------------------------------------------
 
 

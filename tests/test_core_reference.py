@@ -57,10 +57,10 @@ def random_layer(seed: int, length: int, head_dim: int, group: int = 1):
     return queries, keys, values
 
 
-def assert_matches_reference(out, keys, values, kept, is_image, config, targets_ok=None):
+def assert_matches_reference(out, keys, values, kept, is_image, config):
     assert out.kept.tolist() == kept
     ref_keys, ref_values = reference_merge(keys, values, kept, is_image, config.merge,
-                                           config.merge_scope, targets_ok)
+                                           config.merge_scope)
     torch.testing.assert_close(out.keys, ref_keys, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out.values, ref_values, rtol=1e-10, atol=1e-10)
 
@@ -141,9 +141,7 @@ ENGINE_CASES = list(itertools.product(METHODS, [1, 4, 16]))
 
 
 @pytest.mark.parametrize("method,keep_multiple", ENGINE_CASES)
-@pytest.mark.parametrize("merge_into_non_evictable", [True, False])
-def test_evictable_and_keep_multiple_match_reference(method, keep_multiple,
-                                                     merge_into_non_evictable):
+def test_evictable_and_keep_multiple_match_reference(method, keep_multiple):
     case = ENGINE_CASES.index((method, keep_multiple))
     length = 96 + 5 * case
     _, keys, values = random_layer(case, length, 64)
@@ -161,13 +159,11 @@ def test_evictable_and_keep_multiple_match_reference(method, keep_multiple,
     config = CompressionConfig(method=method, merge="pivotal", budget=budget, recent_ratio=0.1)
 
     out = compress(keys, values, scores, is_image, config, evictable=evictable,
-                   keep_multiple=keep_multiple,
-                   merge_into_non_evictable=merge_into_non_evictable)
+                   keep_multiple=keep_multiple)
 
     kept = reference_kept_engine(method, scores, is_image, budget, 0.1, evictable.tolist(),
                                  keep_multiple)
-    targets_ok = None if merge_into_non_evictable else evictable.tolist()
-    assert_matches_reference(out, keys, values, kept, is_image, config, targets_ok)
+    assert_matches_reference(out, keys, values, kept, is_image, config)
     assert out.compressed
 
 

@@ -70,7 +70,6 @@ def compress(
     *,
     evictable: Tensor | None = None,
     keep_multiple: int = 1,
-    merge_into_non_evictable: bool = True,
     kernel: Kernel = "auto",
 ) -> CompressedKV:
     """Compress one layer's prompt KV cache as ``config`` says (LOOK-M by default).
@@ -95,10 +94,6 @@ def compress(
         Every head keeps the same number ``k`` of evictable positions, rounded UP to a multiple
         of this (e.g. the block size) and capped at the number of evictable positions. ``k``
         depends on the layout, budget and ``keep_multiple`` only, never on ``scores``.
-    merge_into_non_evictable : bool
-        If False, evicted tokens merge only into kept *evictable* tokens, so non-evictable entries
-        come back bit-identical and an engine need not rewrite their blocks. True (the paper: any
-        kept token may receive) by default.
     kernel : {"auto", "torch", "triton"}
         The merge assignment's implementation (:mod:`lookm_vllm.core.dispatch`).
 
@@ -157,9 +152,7 @@ def compress(
     kept_values = _gather_positions(values, kept)
     if config.merge != "none":
         evicted = _positions_per_head(~kept_mask)
-        kept_group, evicted_group = _merge_groups(
-            config, is_image, evictable, kept, evicted, merge_into_non_evictable
-        )
+        kept_group, evicted_group = _merge_groups(config, is_image, kept, evicted)
         compute_dtype = torch.promote_types(keys.dtype, torch.float32)
         evicted_keys = _gather_positions(keys, evicted)
         if use_triton(kernel, keys):
@@ -184,20 +177,11 @@ def compress(
                         num_kept_evictable)
 
 
-def _merge_groups(
-    config: CompressionConfig,
-    is_image: Tensor,
-    evictable: Tensor | None,
-    kept: Tensor,
-    evicted: Tensor,
-    merge_into_non_evictable: bool,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Merge groups for :func:`assign_to_kept`: modality, and -1 for kept rows that take nothing."""
-    restrict_targets = not merge_into_non_evictable and evictable is not None
-    if config.merge_scope == "all" and not restrict_targets:
+def _merge_groups(config: CompressionConfig, is_image: Tensor, kept: Tensor, evicted: Tensor
+                  ) -> tuple[Tensor | None, Tensor | None]:
+    """Merge groups for :func:`assign_to_kept`: the modality with ``same_modality``, else none
+    (any kept token may receive, as in the paper)."""
+    if config.merge_scope == "all":
         return None, None
-    group = is_image.to(torch.int64) if config.merge_scope == "same_modality" else \
-        torch.zeros_like(is_image, dtype=torch.int64)
-    if restrict_targets:
-        group = torch.where(evictable, group, -1)
+    group = is_image.to(torch.int64)
     return group[kept], group[evicted]
