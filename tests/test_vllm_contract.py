@@ -263,16 +263,58 @@ def test_cudagraph_names():
 
 
 def test_quantized_cache_names():
-    """LOOK-M serves exactly the plain-number cache dtypes of vLLM; every quantized one
-    (fp8*, nvfp4, int*, turboquant ...) is refused at start."""
+    """The cache dtypes LOOK-M may serve: vLLM's plain-number ones and its fp8 ones (codes with
+    per-layer scales); every other quantized type is refused at start."""
     import typing
 
     from vllm.config.cache import CacheDType
     from vllm.utils.torch_utils import is_quantized_kv_cache
 
-    from lookm_vllm.vllm_adapter.connector import UNQUANTIZED_CACHE_DTYPES
+    from lookm_vllm.vllm_adapter.connector import SERVED_CACHE_DTYPES
+    from lookm_vllm.vllm_adapter.kv_layout import FP8_FORMATS
 
-    names = typing.get_args(CacheDType)
-    assert set(UNQUANTIZED_CACHE_DTYPES) == {"auto", "float16", "bfloat16"} <= set(names)
-    assert not any(is_quantized_kv_cache(name) for name in UNQUANTIZED_CACHE_DTYPES)
-    assert {"fp8", "fp8_e4m3", "fp8_e5m2"} <= {n for n in names if is_quantized_kv_cache(n)}
+    names = set(typing.get_args(CacheDType))
+    assert set(SERVED_CACHE_DTYPES) <= names
+    assert {n for n in SERVED_CACHE_DTYPES if is_quantized_kv_cache(n)} == set(FP8_FORMATS)
+
+
+def test_cpu_fp8_cache_names_and_layout():
+    """What the fp8 codec relies on, on vLLM-CPU: fp8 caches are uint8 tensors; the layer's
+    per-tensor scales are ``_k_scale_float`` / ``_v_scale_float`` (what CPU_ATTN passes its
+    kernels); codes sit where CpuAttnLayout says (keys transposed per block); a code decodes to
+    its float8 value times the scale (checked on values the format represents exactly, so the
+    writer's rounding plays no part)."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.attention import attention
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+    from vllm.v1.attention.backends import cpu_attn
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from lookm_vllm.vllm_adapter.kv_layout import FP8_FORMATS, CpuAttnLayout, Fp8Codec
+
+    assert kv_cache_dtype_str_to_dtype("fp8", None) == torch.uint8
+    init = inspect.getsource(attention)
+    assert "layer._k_scale_float" in init and "layer._v_scale_float" in init
+    impl = inspect.getsource(cpu_attn.CPUAttentionBackendImpl)
+    assert "self.is_fp8_kv_cache = is_quantized_kv_cache(kv_cache_dtype)" in impl
+    assert "k_scale=layer._k_scale_float" in impl and "layer.isa" in impl
+    try:
+        isa = _get_attn_isa(torch.float32, 32, 32, "fp8")
+    except NotImplementedError as exc:  # needs AVX-512 / AMX
+        pytest.skip(str(exc))
+    for name, fmt in FP8_FORMATS.items():
+        heads, blocks, block_size, head_dim = 2, 3, 32, 32
+        cache = torch.zeros(blocks, heads, block_size, 2 * head_dim, dtype=torch.uint8)
+        key_view, value_view = cache.view(blocks, heads, 2 * block_size, head_dim).chunk(2, 2)
+        k_scale, v_scale = 0.375, 0.25
+        codes = torch.randint(0, 120, (2, block_size, heads, head_dim), dtype=torch.uint8)
+        exact = codes.view(fmt).float() * torch.tensor([k_scale, v_scale])[:, None, None, None]
+        ops.cpu_attn_reshape_and_cache(exact[0], exact[1], key_view, value_view,
+                                       torch.arange(block_size) + block_size, isa,
+                                       k_scale=k_scale, v_scale=v_scale, kv_cache_dtype=name)
+        codec = Fp8Codec(fmt, k_scale, v_scale, quantize=None)
+        keys, values = CpuAttnLayout().split(cache)
+        assert torch.equal(keys[1].transpose(0, 1), codes[0])          # [bs, H, d]
+        assert torch.equal(values[1].transpose(0, 1), codes[1])
+        assert torch.equal(codec.decode(keys[1], "key").transpose(0, 1), exact[0])
+        assert torch.equal(codec.decode(values[1], "value").transpose(0, 1), exact[1])

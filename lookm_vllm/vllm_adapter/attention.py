@@ -25,18 +25,20 @@ from dataclasses import replace
 import torch
 
 from .compaction import compacted_view
-from .kv_layout import KVLayout
+from .kv_layout import KVCodec, KVLayout
 from .options import lookm_enabled
 from .worker_state import STATE
 
-# KV-cache element types LOOK-M reads and writes as numbers. Quantized caches (fp8: uint8 codes
-# with per-layer scales) would be scored and merged as raw codes: refused until supported.
-UNQUANTIZED_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Element types of caches holding plain numbers; fp8 caches hold uint8 codes (kv_layout).
+PLAIN_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PLAIN_CACHE_NAMES = ("auto", "float16", "bfloat16")
 
 
-def check_engine_setup(vllm_config, kv_cache_spec) -> None:
+def check_engine_setup(vllm_config, kv_cache_spec, cache_dtypes: tuple[str, ...]) -> None:
     """Refuse, when a worker builds its attention metadata builders (the cudagraph mode is final
-    by then), engine setups in which the compacted view would be ignored or misplaced."""
+    by then), engine setups in which the compacted view would be ignored or misplaced, or whose
+    cache this backend's wrapper cannot read and write (``cache_dtypes``: the
+    ``--kv-cache-dtype`` values it serves)."""
     problems = []
     compilation = vllm_config.compilation_config
     mode = compilation.cudagraph_mode
@@ -55,9 +57,13 @@ def check_engine_setup(vllm_config, kv_cache_spec) -> None:
         problems.append(f"an attention kernel block size ({kv_cache_spec.block_size}) other "
                         f"than the KV cache block size ({manager_block_size}); pass "
                         f"--block-size {kv_cache_spec.block_size}")
-    if kv_cache_spec.dtype not in UNQUANTIZED_CACHE_DTYPES:
-        problems.append(f"a {kv_cache_spec.dtype} KV cache (quantized caches such as fp8 are not "
-                        "supported yet)")
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in cache_dtypes:
+        problems.append(f"--kv-cache-dtype {cache_dtype} with this attention backend (served: "
+                        f"{', '.join(cache_dtypes)})")
+    elif cache_dtype in PLAIN_CACHE_NAMES and kv_cache_spec.dtype not in PLAIN_CACHE_DTYPES:
+        problems.append(f"a {kv_cache_spec.dtype} KV cache (the model's default cache dtype is "
+                        "quantized; pass --kv-cache-dtype explicitly)")
     if problems:
         raise ValueError("LOOK-M KV compression (LookMConnector) does not support "
                          + "; ".join(problems) + ".")
@@ -66,12 +72,15 @@ def check_engine_setup(vllm_config, kv_cache_spec) -> None:
 class LookMBuilderMixin:
     """Adds the compacted view of compressed requests and this step's scoring work."""
 
+    # The --kv-cache-dtype values this backend's wrapper serves (its impl's codec reads them).
+    lookm_cache_dtypes: tuple[str, ...] = PLAIN_CACHE_NAMES
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, **kwargs):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, **kwargs)
         self._lookm_enabled = lookm_enabled(vllm_config)
         self._lookm_view_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         if self._lookm_enabled:
-            check_engine_setup(vllm_config, kv_cache_spec)
+            check_engine_setup(vllm_config, kv_cache_spec, self.lookm_cache_dtypes)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -120,6 +129,11 @@ class LookMImplMixin:
 
     layout: KVLayout
 
+    def lookm_codec(self, layer, kv_cache) -> KVCodec | None:
+        """What this layer's cache entries mean; None: plain numbers of the cache's dtype.
+        Backends serving quantized caches override it."""
+        return None
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
@@ -128,5 +142,6 @@ class LookMImplMixin:
         if work:
             with torch.inference_mode():
                 STATE.process_layer(layer.layer_name, work, query, output, kv_cache,
-                                    attn_metadata.block_table, self.layout, self.scale)
+                                    attn_metadata.block_table, self.layout, self.scale,
+                                    self.lookm_codec(layer, kv_cache))
         return result

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lookm_vllm.core import compress
+from lookm_vllm.core import CompressedKV, compress
 
+from .kv_layout import KVCodec, PlainCodec
 from .plan import RequestPlan
 
 
@@ -71,7 +72,8 @@ def gather_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, len
 
 
 def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, plan: RequestPlan,
-                   scores: Tensor | None, keys: Tensor | None = None) -> Compaction:
+                   scores: Tensor | None, stored_keys: Tensor | None = None,
+                   codec: KVCodec | None = None) -> Compaction:
     """Compress a request's prompt in one layer's paged cache, in place.
 
     Parameters
@@ -84,18 +86,24 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
         The request's plan.
     scores : Tensor or None
         float32 ``[Hkv, P]`` accumulated attention (None for methods that need none).
-    keys : Tensor, optional
-        The prompt's keys ``[Hkv, P, d]`` when the caller has just gathered them (scoring did),
-        so they are not gathered twice.
+    stored_keys : Tensor, optional
+        The prompt's stored keys ``[Hkv, P, d]`` when the caller has just gathered them (scoring
+        did), so they are not gathered twice.
+    codec : KVCodec, optional
+        What the cache entries mean (default: plain numbers of the cache's dtype). Compression
+        runs on the decoded numbers; kept entries that nothing merged into keep their stored
+        bytes (bit-exact), merged ones are encoded by the codec.
     """
     block_size = key_cache.shape[2]
     length = plan.prompt_len
     evictable_blocks = plan.evictable_blocks(block_size)
     if not evictable_blocks:
         return Compaction(holes=[], num_kept=length)
-    if keys is None:
-        keys = gather_keys(key_cache, block_row, length)
-    values = _gather(value_cache, block_row, length)
+    codec = codec or PlainCodec(key_cache.dtype)
+    if stored_keys is None:
+        stored_keys = gather_keys(key_cache, block_row, length)
+    stored_values = _gather(value_cache, block_row, length)
+    keys, values = codec.decode(stored_keys, "key"), codec.decode(stored_values, "value")
     evictable = plan.evictable_mask(block_size, keys.device)
     out = compress(keys, values, None if scores is None else scores[:, :length],
                    plan.is_image(keys.device), plan.config,
@@ -111,13 +119,27 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
     region = plan.evictable_block_ids(block_size, keys.device)
     packed = region[rank.clamp(min=0) // block_size] * block_size + rank.clamp(min=0) % block_size
     logical = torch.where(kept_evictable, packed, logical)
+    new_keys, new_values = _stored_rows(out, stored_keys, stored_values, codec)
     index = _slot_index(block_row, logical, block_size)
-    key_cache[index] = out.keys.to(key_cache.dtype)
-    value_cache[index] = out.values.to(value_cache.dtype)
+    key_cache[index] = new_keys
+    value_cache[index] = new_values
 
     kept_region_blocks = out.num_kept_evictable // block_size
     return Compaction(holes=evictable_blocks[kept_region_blocks:], num_kept=out.num_kept,
                       kept=out.kept, slots=logical)
+
+
+def _stored_rows(out: CompressedKV, stored_keys: Tensor, stored_values: Tensor, codec: KVCodec
+                 ) -> tuple[Tensor, Tensor]:
+    """What the cache stores for each kept row: its own stored bytes when nothing merged into
+    it, the codec's encoding of the merged numbers otherwise."""
+    original = out.kept[..., None].expand(-1, -1, stored_keys.shape[-1])
+    merged = (out.merge_counts > 0)[..., None]
+    if isinstance(codec, PlainCodec):  # unmerged rows of out hold the inputs as they are
+        return codec.encode(out.keys, out.values)
+    encoded_keys, encoded_values = codec.encode(out.keys, out.values)
+    return (torch.where(merged, encoded_keys, stored_keys.gather(1, original)),
+            torch.where(merged, encoded_values, stored_values.gather(1, original)))
 
 
 def read_slots(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, slots: Tensor

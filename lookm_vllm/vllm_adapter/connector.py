@@ -38,9 +38,10 @@ from .plan import RequestPlan
 from .worker_state import STATE
 
 logger = logging.getLogger(__name__)
-# --kv-cache-dtype values LOOK-M serves: the cache holds plain numbers ("auto": the model's
-# dtype; the worker checks the resolved cache dtype again, attention.check_engine_setup).
-UNQUANTIZED_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+# --kv-cache-dtype values LOOK-M may serve: plain numbers, and fp8 codes with per-layer scales.
+# Each backend's wrapper says which of them it serves (checked on the worker, where the backend
+# is known: attention.check_engine_setup).
+SERVED_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 TIMING_KEYS = ("scoring_ms", "compression_ms")
 
 
@@ -123,10 +124,9 @@ def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
     if getattr(parallel, "use_ubatching", False):
         problems.append("micro-batching (--enable-dbo / ubatch_size > 1)")
     cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
-    if cache_dtype not in UNQUANTIZED_CACHE_DTYPES:
-        problems.append(f"a quantized KV cache (--kv-cache-dtype {cache_dtype}: fp8 and other "
-                        "quantized caches hold codes with scales, which compression would score "
-                        "and merge as numbers; use --kv-cache-dtype auto)")
+    if cache_dtype not in SERVED_CACHE_DTYPES:
+        problems.append(f"--kv-cache-dtype {cache_dtype} (a quantized cache LOOK-M cannot read "
+                        f"and write exactly; served: {', '.join(SERVED_CACHE_DTYPES)})")
     if getattr(vllm_config, "use_v2_model_runner", False):
         problems.append("the V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0)")
     if kv_cache_config is not None:

@@ -2,13 +2,17 @@
 
 Everything else (gather, compaction, write-back) works on per-layer views
 ``key_cache, value_cache: [num_blocks, num_kv_heads, block_size, head_dim]`` that alias the
-backend's cache tensor, so writes through them land in vLLM's cache.
+backend's cache tensor, so writes through them land in vLLM's cache. What the entries mean is the
+cache's ``KVCodec``: plain numbers, or fp8 codes with per-layer scales.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -54,3 +58,57 @@ class FlashAttnLayout:
     def split(self, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
         head_dim = kv_cache.shape[-1] // 2
         return kv_cache[..., :head_dim], kv_cache[..., head_dim:]
+
+
+class KVCodec(Protocol):
+    """How a cache stores numbers: what compression reads (``decode``) and writes (``encode``)."""
+
+    def decode(self, stored: Tensor, kind: str) -> Tensor:
+        """The numbers held by ``stored`` (entries of the key or value cache, ``kind``)."""
+        ...
+
+    def encode(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """What the cache stores for ``keys`` and ``values`` (``[Hkv, K, d]`` each)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PlainCodec:
+    """A cache of plain numbers (float32 / float16 / bfloat16): stored as they are."""
+
+    dtype: torch.dtype
+
+    def decode(self, stored: Tensor, kind: str) -> Tensor:
+        return stored
+
+    def encode(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        return keys.to(self.dtype), values.to(self.dtype)
+
+
+# vLLM's --kv-cache-dtype names of fp8 caches -> the float8 format of their codes.
+FP8_FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+               "fp8_e5m2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class Fp8Codec:
+    """An fp8 cache: one byte per entry, the code of a float8 number, times the layer's
+    per-tensor scale (one for keys, one for values).
+
+    Decoding is exact arithmetic (code value x scale, in float32). Encoding is the backend's own
+    cache writer (``quantize``), with the SAME scales: a merged entry is stored exactly as vLLM
+    would store that value, and nothing another token shares is rescaled. Entries that are kept
+    unmerged are never re-encoded (their codes are copied: see ``compaction.compact_prompt``).
+    """
+
+    float8: torch.dtype
+    k_scale: float
+    v_scale: float
+    quantize: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+    def decode(self, stored: Tensor, kind: str) -> Tensor:
+        scale = self.k_scale if kind == "key" else self.v_scale
+        return stored.view(self.float8).to(torch.float32) * scale
+
+    def encode(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        return self.quantize(keys, values)

@@ -20,6 +20,7 @@ from torch import Tensor
 from lookm_vllm.core import AttentionAccumulator
 
 from .compaction import HoleMap, compact_prompt, gather_keys, gather_prompt, read_slots
+from .kv_layout import KVCodec, PlainCodec
 from .plan import RequestPlan
 
 # Set LOOKM_DEBUG_DUMP_DIR to save, per request and compressed layer, the kept KV read back from
@@ -97,7 +98,7 @@ class RowWork:
 
 def process_request_layer(req_id: str, req: WorkerRequest, item: RowWork, layer_name: str,
                           query: Tensor, output: Tensor, key_cache: Tensor, value_cache: Tensor,
-                          block_row: Tensor, scale: float) -> None:
+                          block_row: Tensor, scale: float, codec: KVCodec) -> None:
     """Score this layer's prompt queries of one request and, at the prompt's end, compress it.
 
     Parameters
@@ -112,13 +113,15 @@ def process_request_layer(req_id: str, req: WorkerRequest, item: RowWork, layer_
         The request's physical block ids in logical order.
     scale : float
         The layer's softmax scale.
+    codec : KVCodec
+        What the cache entries mean (plain numbers, or fp8 codes with the layer's scales).
     """
     plan = req.plan
     end = min(item.position_start + item.num_tokens, plan.prompt_len)
     completes_prompt = end == plan.prompt_len and item.position_start + item.num_tokens >= end
     n_scoring = plan.num_scoring_queries
     first = max(item.position_start, plan.prompt_len - n_scoring)
-    keys = None
+    stored_keys = None
     if n_scoring and first < end:
         with req.scoring.interval(key_cache.device):
             acc = req.accumulators.get(layer_name)
@@ -126,27 +129,31 @@ def process_request_layer(req_id: str, req: WorkerRequest, item: RowWork, layer_
                 acc = req.accumulators[layer_name] = AttentionAccumulator(key_cache.shape[1],
                                                                           scale=scale)
             offset = item.token_start + first - item.position_start
-            keys = gather_keys(key_cache, block_row, end)                       # values unused
-            acc.update(query[offset:offset + end - first].transpose(0, 1), keys,
-                       query_start=first)
+            stored_keys = gather_keys(key_cache, block_row, end)                # values unused
+            acc.update(query[offset:offset + end - first].transpose(0, 1),
+                       codec.decode(stored_keys, "key"), query_start=first)
     if completes_prompt:
-        _compress_layer(req_id, req, layer_name, key_cache, value_cache, block_row, keys)
-        _attend_past_prompt(req, item, query, output, key_cache, value_cache, block_row, scale)
+        _compress_layer(req_id, req, layer_name, key_cache, value_cache, block_row, stored_keys,
+                        codec)
+        _attend_past_prompt(req, item, query, output, key_cache, value_cache, block_row, scale,
+                            codec)
 
 
 def _compress_layer(req_id: str, req: WorkerRequest, layer_name: str, key_cache: Tensor,
-                    value_cache: Tensor, block_row: Tensor, keys: Tensor | None) -> None:
+                    value_cache: Tensor, block_row: Tensor, stored_keys: Tensor | None,
+                    codec: KVCodec) -> None:
     acc = req.accumulators.pop(layer_name, None)
     scores = None if acc is None else acc.scores
     dump_dir = os.environ.get(DUMP_ENV)
     if dump_dir:  # before the cache is rewritten
         before = gather_prompt(key_cache, value_cache, block_row, req.plan.prompt_len)
     with req.compression.interval(key_cache.device):
-        result = compact_prompt(key_cache, value_cache, block_row, req.plan, scores, keys=keys)
+        result = compact_prompt(key_cache, value_cache, block_row, req.plan, scores,
+                                stored_keys=stored_keys, codec=codec)
     if dump_dir and result.slots is not None:
         after = read_slots(key_cache, value_cache, block_row, result.slots)
         _dump(Path(dump_dir) / req_id / f"epoch{req.plan.epoch}", layer_name, before, after,
-              scores, result)
+              scores, result, codec)
     if req.holes is None:
         req.holes, req.num_kept = result.holes, result.num_kept
         req.hole_map = HoleMap.from_holes(result.holes)
@@ -157,7 +164,7 @@ def _compress_layer(req_id: str, req: WorkerRequest, layer_name: str, key_cache:
 
 def _attend_past_prompt(req: WorkerRequest, item: RowWork, query: Tensor, output: Tensor,
                         key_cache: Tensor, value_cache: Tensor, block_row: Tensor,
-                        scale: float) -> None:
+                        scale: float, codec: KVCodec) -> None:
     """Redo attention for rows of this chunk that lie past the prompt, on the compressed cache.
 
     Only a preempted request replaying its output tokens has such rows (vLLM recomputes
@@ -176,22 +183,30 @@ def _attend_past_prompt(req: WorkerRequest, item: RowWork, query: Tensor, output
                                  block_row[live.to(block_row.device)], length)
     first = item.token_start + prompt_len - item.position_start
     q = query[first:first + num].float().transpose(0, 1)                # [Hq, n, d]
+    keys, values = codec.decode(keys, "key").float(), codec.decode(values, "value").float()
     positions = torch.arange(length - num, length, device=q.device)
     causal = torch.arange(length, device=q.device)[None, :] <= positions[:, None]
     attended = torch.nn.functional.scaled_dot_product_attention(
-        q, keys.float(), values.float(), attn_mask=causal, scale=scale,
-        enable_gqa=True)                                                 # [Hq, n, d]
+        q, keys, values, attn_mask=causal, scale=scale, enable_gqa=True)  # [Hq, n, d]
     rows = output[first:first + num]
     rows.copy_(attended.transpose(0, 1).reshape(rows.shape).to(rows.dtype))
 
 
-def _dump(directory: Path, layer_name: str, before, after, scores, result) -> None:
+def _dump(directory: Path, layer_name: str, before, after, scores, result,
+          codec: KVCodec) -> None:
     """Debug/test aid: the layer's prompt KV and scores before compression, and what the paged
-    cache holds for the kept positions after it."""
+    cache holds for the kept positions after it (as numbers; also the stored bytes, for
+    caches of codes)."""
     rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"kept": result.kept.cpu(), "slots": result.slots.cpu(), "holes": result.holes,
-                "keys_before": before[0].cpu(), "values_before": before[1].cpu(),
-                "scores": None if scores is None else scores.cpu(),
-                "keys": after[0].cpu(), "values": after[1].cpu()},
-               directory / f"{layer_name}.rank{rank}.pt")
+    record = {"kept": result.kept.cpu(), "slots": result.slots.cpu(), "holes": result.holes,
+              "keys_before": codec.decode(before[0], "key").cpu(),
+              "values_before": codec.decode(before[1], "value").cpu(),
+              "scores": None if scores is None else scores.cpu(),
+              "keys": codec.decode(after[0], "key").cpu(),
+              "values": codec.decode(after[1], "value").cpu()}
+    if not isinstance(codec, PlainCodec):
+        record |= {"stored_keys_before": before[0].cpu(), "stored_values_before": before[1].cpu(),
+                   "stored_keys": after[0].cpu(), "stored_values": after[1].cpu(),
+                   "k_scale": codec.k_scale, "v_scale": codec.v_scale}
+    torch.save(record, directory / f"{layer_name}.rank{rank}.pt")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from .compaction import HoleMap
-from .kv_layout import KVLayout
+from .kv_layout import KVCodec, KVLayout, PlainCodec
 from .layer_compute import DUMP_ENV, RowWork, WorkerRequest, process_request_layer
 from .plan import RequestPlan
 
@@ -77,16 +77,18 @@ class WorkerState:
     # --- attention forward -----------------------------------------------------------------
     def process_layer(self, layer_name: str, work: list[RowWork], query: Tensor, output: Tensor,
                       kv_cache: Tensor, block_table: Tensor, layout: KVLayout,
-                      scale: float) -> None:
+                      scale: float, codec: KVCodec | None = None) -> None:
         """Score this layer's prompt queries and, at the prompt's end, compress the layer.
 
         Runs after the stock attention of the layer wrote ``output`` for every query row.
+        ``codec``: what the cache entries mean (default: plain numbers of its dtype).
         """
         key_cache, value_cache = layout.split(kv_cache)
+        codec = codec or PlainCodec(key_cache.dtype)
         for item in work:
             process_request_layer(item.req_id, self.requests[item.req_id], item, layer_name,
                                   query, output, key_cache, value_cache, block_table[item.row],
-                                  scale)
+                                  scale, codec)
 
     def finish_step(self) -> None:
         """Record what to report after the forward: the holes of requests compressed in this

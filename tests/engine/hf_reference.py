@@ -55,20 +55,30 @@ def prefill(path: str, prompt: str, images) -> HFPrefill:
 
 @torch.inference_mode()
 def decode_from(ref: HFPrefill, keys: list[torch.Tensor], values: list[torch.Tensor],
-                steps: int) -> list[int]:
+                steps: int, first_token: int | None = None, store=None) -> list[int]:
     """Greedy tokens decoded from a (compressed) cache with LOGICAL positions.
 
-    The first token is the prefill's; then each new token sits at logical position P + t
-    although the cache holds only K + t entries.
+    The first token is the prefill's (or ``first_token``); then each new token sits at logical
+    position P + t although the cache holds only K + t entries. ``store(layer, keys, values)``,
+    when given, is what a quantized cache does to each new token's K/V before attention reads
+    it (vLLM writes the new entries to its cache first).
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    class StoringCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if store is not None and self.decoding:
+                key_states, value_states = store(layer_idx, key_states, value_states)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    cache = StoringCache()
+    cache.decoding = False
     for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
         cache.update(k[None].clone(), v[None].clone(), layer)
+    cache.decoding = True
     prompt_len = ref.input_ids.shape[0]
     kept = keys[0].shape[1]
-    tokens = [ref.first_token]
+    tokens = [ref.first_token if first_token is None else first_token]
     for t in range(steps - 1):
         position = prompt_len + t
         if ref.rope_deltas is not None:        # M-RoPE: text positions continue after the images
