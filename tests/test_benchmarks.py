@@ -34,11 +34,21 @@ def test_capacity_quick(tmp_path):
                     "preemptions", "peak_kv_blocks_in_use", "mean_kv_blocks_in_use"):
             assert arm[key] >= 0, key
         assert {"p50", "p90", "p99"} <= set(arm["ttft_s"]) and {"p50", "p90"} <= set(arm["tpot_s"])
-    for arm in report["arms"][1:]:
-        assert 0 < arm["kv_tokens_kept_fraction"] < 1 and arm["kv_blocks_freed_per_request"] > 0
+    for arm in report["arms"]:
+        if arm["config"] is None:
+            assert arm["kv_tokens_kept_fraction"] is None
+        else:
+            assert 0 < arm["kv_tokens_kept_fraction"] < 1
+            assert arm["kv_blocks_freed_per_request"] > 0
     assert set(report["ratios_to_stock"]) == set(names)
+    assert report["thread_binding"]["every_server_env"]["VLLM_CPU_NUM_OF_RESERVED_CPU"]
+    if "stock-fp8" in names:  # same pool bytes: an fp8 cache holds 4x the float32 blocks
+        arms = {arm["name"]: arm for arm in report["arms"]}
+        assert arms["stock-fp8"]["pool_blocks"] == 4 * arms["stock"]["pool_blocks"]
+        assert set(report["ratios_to_stock_fp8"]) == {"lookm-0.2-fp8"}
     rows = report["gpu_projection"]
-    assert {row["arm"] for row in rows} == {"stock", *names[1:]}
+    assert {row["arm"] for row in rows} == {"stock", *(n for n in names[1:]
+                                                        if not n.endswith("fp8"))}
     assert all(row["max_batch"] >= 1 and row["decode_step_ms"] > 0 for row in rows)
 
 
