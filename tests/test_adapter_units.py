@@ -475,8 +475,11 @@ def _fp8_cpu_cache(num_blocks, heads, block_size, dim, generator):
     return cache, impl.lookm_codec(layer, cache)
 
 
-@pytest.mark.parametrize("merge", ["pivotal", "none"])
-def test_fp8_compaction_is_core_compress_of_the_decoded_cache(merge):
+@pytest.mark.parametrize("method,merge,scoring", [
+    ("lookm", "pivotal", "full"), ("lookm", "none", "full"), ("lookm", "weighted", "window"),
+    ("h2o", "average", "full"), ("snapkv", "pivotal", "window"), ("streaming", "none", "full"),
+    ("random", "average", "full")])
+def test_fp8_compaction_is_core_compress_of_the_decoded_cache(method, merge, scoring):
     """On an fp8 cache, compaction = decode with the layer's scales -> core.compress in float32
     -> vLLM's own writer with the SAME scales; kept entries nothing merged into keep their codes
     bit for bit, and the holes are those of a plain cache."""
@@ -486,8 +489,8 @@ def test_fp8_compaction_is_core_compress_of_the_decoded_cache(merge):
     layout = CpuAttnLayout()
     key_cache, value_cache = layout.split(cache)
     row = torch.randperm(20, generator=g)[:19]
-    plan = make_plan({"method": "lookm", "budget": 0.3, "merge": merge}, prompt_len=prompt_len,
-                     spans=((10, 300), (320, 560)))
+    plan = make_plan({"method": method, "budget": 0.3, "merge": merge, "scoring": scoring},
+                     prompt_len=prompt_len, spans=((10, 300), (320, 560)))
     stored_k, stored_v = gather_prompt(key_cache, value_cache, row, prompt_len)
     keys, values = codec.decode(stored_k, "key"), codec.decode(stored_v, "value")
     assert keys.dtype == torch.float32
