@@ -386,14 +386,30 @@ def test_worker_refuses_setups_that_would_bypass_the_compacted_view(setup, words
         check_engine_setup(config, spec, PLAIN)
 
 
-def test_fp8_caches_are_served_by_the_cpu_wrapper_only():
-    """CPU_ATTN's wrapper reads and writes fp8 codes (its impl's codec); FLASH_ATTN's does not
-    yet (its queries arrive quantized too), so an fp8 engine on CUDA is refused at start."""
+def test_fp8_caches_each_wrapper_serves():
+    """Each wrapper serves the fp8 formats its vLLM backend stores (FlashAttention: e4m3 only)."""
     from lookm_vllm.vllm_adapter.backends.cpu_attn import LookMCPUAttentionBuilder
     from lookm_vllm.vllm_adapter.backends.flash_attn import LookMFlashAttentionBuilder
 
     assert {"fp8", "fp8_e4m3", "fp8_e5m2"} <= set(LookMCPUAttentionBuilder.lookm_cache_dtypes)
-    assert not any(d.startswith("fp8") for d in LookMFlashAttentionBuilder.lookm_cache_dtypes)
+    flash = set(LookMFlashAttentionBuilder.lookm_cache_dtypes)
+    assert {"fp8", "fp8_e4m3"} <= flash and "fp8_e5m2" not in flash
+
+
+def test_fp8_codec_decodes_quantized_queries():
+    """FLASH_ATTN receives queries quantized by vLLM's attention layer (per tensor or per KV
+    head); scoring reads them as numbers."""
+    from lookm_vllm.vllm_adapter.kv_layout import Fp8Codec, PlainCodec
+
+    codes = torch.randint(0, 100, (3, 4, 8), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    per_tensor = Fp8Codec(torch.float8_e4m3fn, 1.0, 1.0, None, q_scale=torch.tensor(0.5))
+    assert torch.equal(per_tensor.decode_query(codes), codes.float() * 0.5)
+    per_head = Fp8Codec(torch.float8_e4m3fn, 1.0, 1.0, None, q_scale=torch.tensor([0.5, 2.0]))
+    expected = codes.float() * torch.tensor([0.5, 0.5, 2.0, 2.0])[:, None]
+    assert torch.equal(per_head.decode_query(codes), expected)
+    numbers = torch.randn(3, 4, 8)
+    assert per_head.decode_query(numbers) is numbers
+    assert PlainCodec(torch.float32).decode_query(numbers) is numbers
 
 
 # ------------------------------------------------------------------ results and their timings

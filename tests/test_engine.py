@@ -363,24 +363,22 @@ def test_fp8_compression_off_is_identical_to_stock_fp8(runs, tiny_llava_path):
         assert plugin[i]["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"] > 0
 
 
-def test_fp8_compression_is_exact(runs, tiny_llava_path):
+def _fp8_exact_check(runs, name: str, path: str, write, spec: dict, check_tokens: bool):
     """On an fp8 cache the KV that vLLM keeps is, bit for bit, an independent computation from
-    the pre-compression codes: decode with the layer's scales -> core.compress -> vLLM's writer
-    with the same scales for merged entries, the original codes for the others. The greedy
-    tokens are transformers' decoding from that cache (new entries stored as vLLM stores them);
-    blocks freed are those of a plain cache."""
+    the pre-compression codes: decode with the layer's scales -> core.compress -> the backend's
+    cache writer (``write``) with the same scales for merged entries, the original codes for the
+    others; blocks freed are those of a plain cache. With ``check_tokens``, the greedy tokens are
+    transformers' decoding from that cache, each new entry stored as the backend stores it."""
     from lookm_vllm.demo.images import test_images
     from lookm_vllm.demo.tiny_models import chat_prompt
     from tests.engine import hf_reference
 
-    path = str(tiny_llava_path)
     cfg = json.loads((Path(path) / "config.json").read_text())["text_config"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    write = _cpu_fp8_writer(head_dim)
-    dump_dir = runs.dir / "fp8-dump"
+    dump_dir = runs.dir / f"{name}-dump"
     request = {"images": [0, 8], "kv_compression": LOOKM_02, "max_tokens": 20}
-    out = runs("fp8_exact", {"model": "llava", "engine": FP8, "batches": [[request]],
-                             "env": {"LOOKM_DEBUG_DUMP_DIR": str(dump_dir)}})
+    out = runs(name, {"model": "llava", "engine": FP8, "batches": [[request]],
+                      "env": {"LOOKM_DEBUG_DUMP_DIR": str(dump_dir)}, **spec})
     result = out["batches"][0][0]
     prompt_ids = result["prompt_token_ids"]
     image = torch.tensor(prompt_ids) == image_token_id(path)
@@ -396,31 +394,33 @@ def test_fp8_compression_is_exact(runs, tiny_llava_path):
     dump = _load_dump(dump_dir)
     names = sorted(dump, key=lambda n: int(n.split("layers.")[1].split(".")[0]))
     keys_after, values_after, scales = [], [], []
-    for name in names:
-        got = dump[name]
+    for layer_name in names:
+        got = dump[layer_name]
         k_scale, v_scale = got["k_scale"], got["v_scale"]
         keys = _decode_fp8(got["stored_keys_before"], k_scale)
         values = _decode_fp8(got["stored_values_before"], v_scale)
         assert torch.equal(keys, got["keys_before"]) and torch.equal(values, got["values_before"])
         own = compress(keys, values, got["scores"], image, plan.config, evictable=evictable,
                        keep_multiple=BLOCK)
-        assert torch.equal(got["kept"], own.kept), name
+        assert torch.equal(got["kept"], own.kept), layer_name
         encoded_k, encoded_v = write(own.keys, own.values, k_scale, v_scale)
         merged = (own.merge_counts > 0)[..., None]
         index = own.kept[..., None].expand(-1, -1, head_dim)
         assert merged.any()
         assert torch.equal(got["stored_keys"], torch.where(
-            merged, encoded_k, got["stored_keys_before"].gather(1, index))), name
+            merged, encoded_k, got["stored_keys_before"].gather(1, index))), layer_name
         assert torch.equal(got["stored_values"], torch.where(
-            merged, encoded_v, got["stored_values_before"].gather(1, index))), name
+            merged, encoded_v, got["stored_values_before"].gather(1, index))), layer_name
         keys_after.append(_decode_fp8(got["stored_keys"], k_scale))
         values_after.append(_decode_fp8(got["stored_values"], v_scale))
         scales.append((k_scale, v_scale))
     stats = result["kv_transfer_params"]["kv_compression"]
     assert stats["kv_blocks_freed"] == expected_holes(prompt_ids, image_token_id(path), LOOKM_02,
                                                       BLOCK)
+    if not check_tokens:
+        return out
 
-    def store(layer, key_states, value_states):  # what vLLM-CPU's fp8 cache holds for them
+    def store(layer, key_states, value_states):  # what the fp8 cache holds for them
         k_scale, v_scale = scales[layer]
         codes_k, codes_v = write(key_states[0], value_states[0], k_scale, v_scale)
         return _decode_fp8(codes_k, k_scale)[None], _decode_fp8(codes_v, v_scale)[None]
@@ -440,3 +440,34 @@ def test_fp8_compression_is_exact(runs, tiny_llava_path):
                                                                             strict=True)],
         steps, first_token=result["token_ids"][0], store=store)
     assert full != result["token_ids"]
+    return out
+
+
+def test_fp8_compression_is_exact(runs, tiny_llava_path):
+    """CPU_ATTN on an fp8 cache: bit-exact kept KV and transformers' tokens (see the helper)."""
+    _fp8_exact_check(runs, "fp8_exact", str(tiny_llava_path), _cpu_fp8_writer(32), {},
+                     check_tokens=True)
+
+
+def test_fp8_compression_is_exact_through_the_flash_attention_wrappers(runs, tiny_llava_path):
+    """The FLASH_ATTN wrappers on an fp8 cache (tests/engine/flash_on_cpu.py: vLLM quantizes the
+    queries, the FA ops are torch stand-ins whose writer rounds to nearest as CUDA does): the
+    kept KV is bit-exact against the same independent computation with that writer. Tokens are
+    not compared with transformers here: the queries are quantized too."""
+    _cpu_fp8_writer(32)  # vLLM-CPU must have fp8 caches at all
+    from tests.engine.flash_on_cpu import fp8_codes
+
+    def write(keys, values, k_scale, v_scale):
+        return (fp8_codes(keys, torch.tensor(k_scale)), fp8_codes(values, torch.tensor(v_scale)))
+
+    out = _fp8_exact_check(runs, "fp8_exact_flash", str(tiny_llava_path), write,
+                           {"flash_on_cpu": True}, check_tokens=False)
+    calls = out["flash_calls"]
+    assert calls["fp8_queries"] == calls["flash_attn_varlen_func"] > 0
+    cpu_dump = runs.dir / "fp8_exact-dump"
+    if cpu_dump.exists():  # the CPU_ATTN run (queries as numbers): scoring agrees, per head
+        a, b = _load_dump(cpu_dump), _load_dump(runs.dir / "fp8_exact_flash-dump")
+        for layer in a:
+            for x, y in zip(a[layer]["scores"], b[layer]["scores"], strict=True):
+                # fp8 queries (3 mantissa bits) vs exact ones; raw codes read as numbers: ~0.1
+                assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.95, layer

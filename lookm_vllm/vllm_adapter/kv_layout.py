@@ -71,6 +71,10 @@ class KVCodec(Protocol):
         """What the cache stores for ``keys`` and ``values`` (``[Hkv, K, d]`` each)."""
         ...
 
+    def decode_query(self, query: Tensor) -> Tensor:
+        """The queries ``[T, Hq, d]`` as numbers (some backends receive them quantized)."""
+        ...
+
 
 @dataclass(frozen=True)
 class PlainCodec:
@@ -83,6 +87,9 @@ class PlainCodec:
 
     def encode(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         return keys.to(self.dtype), values.to(self.dtype)
+
+    def decode_query(self, query: Tensor) -> Tensor:
+        return query
 
 
 # vLLM's --kv-cache-dtype names of fp8 caches -> the float8 format of their codes.
@@ -105,6 +112,9 @@ class Fp8Codec:
     k_scale: float
     v_scale: float
     quantize: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    # Scale of queries the backend receives quantized (FLASH_ATTN): one value, or one per KV
+    # head; None when queries arrive as numbers (CPU_ATTN).
+    q_scale: Tensor | None = None
 
     def decode(self, stored: Tensor, kind: str) -> Tensor:
         scale = self.k_scale if kind == "key" else self.v_scale
@@ -112,3 +122,12 @@ class Fp8Codec:
 
     def encode(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         return self.quantize(keys, values)
+
+    def decode_query(self, query: Tensor) -> Tensor:
+        if self.q_scale is None or query.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2,
+                                                        torch.float8_e4m3fnuz):
+            return query
+        scale = self.q_scale.to(device=query.device, dtype=torch.float32).flatten()
+        if scale.numel() > 1:  # per KV head: consecutive query heads share one
+            scale = scale.repeat_interleave(query.shape[1] // scale.numel())[:, None]
+        return query.to(torch.float32) * scale

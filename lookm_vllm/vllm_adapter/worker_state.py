@@ -85,6 +85,7 @@ class WorkerState:
         """
         key_cache, value_cache = layout.split(kv_cache)
         codec = codec or PlainCodec(key_cache.dtype)
+        query = codec.decode_query(query)
         for item in work:
             process_request_layer(item.req_id, self.requests[item.req_id], item, layer_name,
                                   query, output, key_cache, value_cache, block_table[item.row],
