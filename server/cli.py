@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from lookm_vllm.core import CompressionConfig
 from lookm_vllm.vllm_adapter import options
 
+from .retry import DEFAULT_RETRIES
 from .validation import describe_errors
 
 MIDDLEWARE = "lookm_vllm.server.middleware.LookMMiddleware"
@@ -53,6 +54,16 @@ def _positive(kind: type) -> Any:
 
     parse.__name__ = kind.__name__  # argparse names the type in its error messages
     return parse
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+_non_negative_int.__name__ = "int"
 
 
 def _domains(text: str) -> list[str]:
@@ -93,6 +104,11 @@ def make_parser():
     group.add_argument(
         "--max-request-mb", metavar="MB", type=_positive(float), default=32.0,
         help="Largest request body accepted, in MiB (HTTP 400 beyond).")
+    group.add_argument(
+        "--mm-cache-retries", metavar="N", type=_non_negative_int, default=DEFAULT_RETRIES,
+        help="Times a chat completion is rendered and sent to the engine again when vLLM's "
+             "multimodal processor cache misses its images (P0/P1 cache drift, a race under "
+             "concurrent load) before the client gets HTTP 503 with Retry-After. 0: no retry.")
     for action in parser._actions:
         if "--model" in action.option_strings:
             action.help = ("Model directory or Hugging Face id. Default: the built-in tiny "

@@ -32,6 +32,17 @@ COMPRESSION_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
+MM_CACHE_RETRIES = Counter(
+    "lookm_mm_cache_retries",
+    "Chat completions sent to the engine again after vLLM's multimodal processor-cache miss "
+    "(P0/P1 cache drift), one per retry (server/retry.py).",
+)
+MM_CACHE_RETRIES_EXHAUSTED = Counter(
+    "lookm_mm_cache_retries_exhausted",
+    "Chat completions answered 503 (Retry-After) because every retry met a multimodal "
+    "processor-cache miss.",
+)
+
 
 def observe(stats: CompressionStats) -> None:
     """Count one finished compressed request from its engine stats."""

@@ -12,7 +12,10 @@ Per request:
   HTTP 400 with an OpenAI error body naming the offending field;
 * non-streaming chat completions get ``usage.kv_compression`` in place of the raw
   ``kv_transfer_params`` (``usage.shape_response``); streamed ones get it from the stream hook
-  (``streaming.install_stream_hook``, installed when vLLM builds the app).
+  (``streaming.install_stream_hook``, installed when vLLM builds the app);
+* chat completions that meet vLLM's multimodal processor-cache race are retried
+  (``retry.install_retry_hook``, installed with the stream hook; ``retry.defer_invalidation``,
+  installed when the app starts), and a 503 on the chat route gets a ``Retry-After`` header.
 
 vLLM adds ``--middleware`` classes last, so this one runs before vLLM's API-key check: a request
 that check will refuse is passed through untouched, so unauthenticated clients get 401, never a
@@ -32,6 +35,7 @@ from vllm import envs
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, AuthenticationMiddleware
 
+from .retry import RETRY_AFTER_S, defer_invalidation, install_retry_hook
 from .streaming import install_stream_hook
 from .usage import shape_response
 from .validation import RequestError, RequestPolicy, check_media, prepare_chat_request
@@ -120,9 +124,15 @@ class LookMMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._state: _ServerState | None = None
+        self._started = False
         install_stream_hook()
+        install_retry_hook()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._started:  # the lifespan startup, or else the first request
+            self._started = True
+            app = scope.get("app")
+            defer_invalidation(getattr(getattr(app, "state", None), "engine_client", None))
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
@@ -159,7 +169,7 @@ class LookMMiddleware:
 
 class _ShapeJsonResponse:
     """A ``send`` that rewrites a successful JSON chat completion with ``shape_response``;
-    streamed (event-stream) and error responses pass through."""
+    streamed (event-stream) and error responses pass through, a 503 with ``Retry-After``."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
@@ -168,7 +178,12 @@ class _ShapeJsonResponse:
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
+            headers = Headers(raw=message.get("headers", []))
+            if message["status"] == 503 and "retry-after" not in headers:
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []),
+                                      (b"retry-after", str(RETRY_AFTER_S).encode())]
+            content_type = headers.get("content-type", "")
             if message["status"] == 200 and content_type.startswith("application/json"):
                 self._start = message
                 return
