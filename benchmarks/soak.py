@@ -160,6 +160,20 @@ def _error_of(data: Any) -> tuple[int | None, str]:
     return error.get("code"), str(error.get("message"))[:300]
 
 
+async def _lines(resp) -> Any:
+    r"""The event stream's lines, split at "\n" only (httpx's ``aiter_lines`` also splits at
+    the Unicode line breaks \x1c-\x1e, \x85, \u2028 and \u2029, which JSON strings in a
+    chunk may hold unescaped: the demo model's random text does)."""
+    pending = b""
+    async for data in resp.aiter_bytes():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode().rstrip("\r")
+    if pending:
+        yield pending.decode()
+
+
 async def _stream(client, url: str, body: dict, plan: Plan, out: Outcome) -> None:
     chunks = 0
     async with client.stream("POST", url, json=body) as resp:
@@ -167,7 +181,7 @@ async def _stream(client, url: str, body: dict, plan: Plan, out: Outcome) -> Non
         if resp.status_code != 200:
             out.error = _error_of(json.loads(await resp.aread() or b"{}"))[1]
             return
-        async for line in resp.aiter_lines():
+        async for line in _lines(resp):
             if not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":
