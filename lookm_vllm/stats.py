@@ -14,7 +14,8 @@ from typing import Any
 # The entry of ``RequestOutput.kv_transfer_params`` (and of ``usage``) holding the stats.
 STATS_KEY = "kv_compression"
 # The fields a client sees in ``usage.kv_compression``.
-USAGE_FIELDS = ("method", "budget", "prompt_tokens", "kv_tokens_kept", "kv_blocks_freed")
+USAGE_FIELDS = ("method", "budget", "max_kv_tokens", "prompt_tokens", "image_tokens",
+                "video_tokens", "kv_tokens_kept", "kv_blocks_freed")
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,9 @@ class CompressionStats:
     compressed : bool
         Whether the prompt's KV cache was compressed (False: the request finished first, e.g.
         ``max_tokens=1``, or nothing could be freed).
-    method, budget
-        The request's compression config.
+    method, budget, max_kv_tokens
+        The request's compression config (``budget`` is None when the request gave
+        ``max_kv_tokens``, which is None otherwise).
     prompt_tokens, kv_tokens_kept, kv_blocks_freed : int
         Prompt length, KV positions kept per layer and head, blocks returned to the pool.
     pool_free_blocks_before, pool_free_blocks_after : int or None
@@ -36,11 +38,13 @@ class CompressionStats:
         Device time of scoring and of compression (selection, merge, compaction), summed over
         layers; None until measured (on CUDA the events are read without synchronising, so a
         request may finish before its times arrive).
+    image_tokens, video_tokens : int
+        Prompt positions holding image / video embeddings (the tokens LOOK-M may evict).
     """
 
     compressed: bool
     method: str
-    budget: float
+    budget: float | None
     prompt_tokens: int
     kv_tokens_kept: int
     kv_blocks_freed: int
@@ -48,6 +52,9 @@ class CompressionStats:
     pool_free_blocks_after: int | None = None
     scoring_ms: float | None = None
     compression_ms: float | None = None
+    max_kv_tokens: int | None = None
+    image_tokens: int = 0
+    video_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

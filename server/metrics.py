@@ -20,6 +20,12 @@ KV_TOKENS_EVICTED = Counter(
     "lookm_kv_tokens_evicted",
     "Prompt KV positions evicted by compression (prompt_tokens - kv_tokens_kept).",
 )
+COMPRESSED_PROMPT_TOKENS = Counter(
+    "lookm_compressed_prompt_tokens",
+    "Prompt positions of compressed requests, by modality (text, image, video; image and video "
+    "tokens are the ones LOOK-M may evict).",
+    ["modality"],
+)
 KV_BLOCKS_FREED = Counter(
     "lookm_kv_blocks_freed",
     "KV cache blocks returned to the pool by compression.",
@@ -49,5 +55,9 @@ def observe(stats: CompressionStats) -> None:
     COMPRESSED_REQUESTS.inc()
     KV_TOKENS_EVICTED.inc(max(0, stats.prompt_tokens - stats.kv_tokens_kept))
     KV_BLOCKS_FREED.inc(stats.kv_blocks_freed)
+    media = {"image": stats.image_tokens, "video": stats.video_tokens}
+    media["text"] = max(0, stats.prompt_tokens - sum(media.values()))
+    for modality, count in media.items():
+        COMPRESSED_PROMPT_TOKENS.labels(modality=modality).inc(count)
     if stats.compression_ms is not None:
         COMPRESSION_SECONDS.observe(stats.compression_ms / 1000.0)

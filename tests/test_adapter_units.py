@@ -196,6 +196,55 @@ def test_image_spans_follow_is_embed_masks():
     assert image_spans(req) == ((11, 13), (14, 16), (30, 34))
 
 
+def test_video_spans_are_compressible_and_a_modality_of_their_own():
+    """Video placeholders give spans like images (``is_embed`` runs: Qwen2-VL's vision start/end
+    and per-frame timestamps are text); the plan evicts them like image tokens, counts them,
+    and with ``merge_scope="same_modality"`` image, video and text never merge into each other."""
+    from lookm_vllm.vllm_adapter.connector import media_spans
+
+    video = SimpleNamespace(offset=40, length=10,
+                            is_embed=torch.tensor([0, 1, 1, 1, 1, 0, 0, 1, 1, 0]).bool())
+    req = SimpleNamespace(mm_features=[
+        SimpleNamespace(modality="image",
+                        mm_position=SimpleNamespace(offset=4, length=30, is_embed=None)),
+        SimpleNamespace(modality="video", mm_position=video)])
+    assert media_spans(req, "video") == ((41, 45), (47, 49))
+    assert media_spans(req, "image") == ((4, 34),)
+
+    config = {"method": "lookm", "budget": 0.2, "merge_scope": "same_modality"}
+    plan = RequestPlan(CompressionConfig.parse(config), 100, ((5, 45),), video_spans=((50, 90),))
+    assert RequestPlan.from_dict(plan.to_dict()) == plan
+    assert plan.modality_counts() == {"text": 20, "image": 40, "video": 40}
+    # video blocks are evictable exactly as image blocks are (the same layout, as images)
+    as_images = make_plan(config)
+    assert plan.evictable_blocks(BS) == as_images.evictable_blocks(BS)
+    assert torch.equal(plan.is_image(), as_images.is_image())
+    g = torch.Generator().manual_seed(3)
+    heads, dim, prompt_len = 2, 16, 100
+    cache, adapter = _paged("cpu", 20, heads, dim, g)
+    key_cache, value_cache = adapter.split(cache)
+    row = torch.randperm(20, generator=g)[:13]
+    keys, values = gather_prompt(key_cache, value_cache, row, prompt_len)
+    scores = torch.rand(heads, prompt_len, generator=g)
+    out = compress(keys, values, scores, plan.is_image(), plan.config,
+                   evictable=plan.evictable_mask(BS), keep_multiple=BS,
+                   modality=plan.modality())
+    modality = plan.modality()
+    merged_into = out.kept[out.merge_counts > 0]
+    assert merged_into.numel() and (modality[merged_into] != 0).all()
+    # every evicted token went to a kept token of its own modality: per head and modality,
+    # tokens out == tokens received
+    for head in range(heads):
+        evicted = ~out.kept_mask[head]
+        for value in (1, 2):
+            received = out.merge_counts[head][modality[out.kept[head]] == value].sum()
+            assert received == (evicted & (modality == value)).sum()
+    result = compact_prompt(key_cache, value_cache, row, plan, scores)
+    assert torch.equal(result.kept, out.kept)
+    got_k, _ = read_slots(key_cache, value_cache, row, result.slots)
+    assert torch.equal(got_k, out.keys)
+
+
 def test_admission_validation_messages():
     from vllm.exceptions import VLLMValidationError
 

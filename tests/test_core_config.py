@@ -121,3 +121,41 @@ def test_is_active(fields, active):
 )
 def test_scoring_queries(fields, prompt_len, expected):
     assert scoring_queries(CompressionConfig(**fields), prompt_len) == expected
+
+
+# Budgets as token counts ------------------------------------------------------------------------
+
+
+def test_max_kv_tokens_replaces_the_budget():
+    config = CompressionConfig(max_kv_tokens=256)
+    assert (config.budget, config.max_kv_tokens) == (None, 256)
+    assert config.is_active
+    assert CompressionConfig().max_kv_tokens is None
+    # a dumped token-budget config (budget null) validates back to itself: the server rewrites
+    # the request's config to JSON before vLLM sees it
+    assert CompressionConfig.model_validate_json(config.model_dump_json()) == config
+    assert CompressionConfig.parse(config.model_dump()) == config
+    # recent_ratio is not bounded by a fraction: the window is clamped to the cap instead
+    assert CompressionConfig(max_kv_tokens=10, recent_ratio=0.5).recent_ratio == 0.5
+
+
+def test_budget_and_max_kv_tokens_are_exclusive():
+    for fields in ({"budget": 0.2, "max_kv_tokens": 100}, {"budget": 1.0, "max_kv_tokens": 1}):
+        with pytest.raises(pydantic.ValidationError) as error:
+            CompressionConfig(**fields)
+        assert "budget" in str(error.value) and "max_kv_tokens" in str(error.value)
+        assert "not both" in str(error.value)
+    # an explicit null is "not given"
+    assert CompressionConfig(budget=None, max_kv_tokens=8).max_kv_tokens == 8
+    assert CompressionConfig(budget=0.3, max_kv_tokens=None).budget == 0.3
+
+
+@pytest.mark.parametrize(
+    "value,words",
+    [(0, "greater than or equal to 1"), (-5, "greater than or equal to 1"),
+     ("64", "valid integer"), (64.0, "valid integer"), (True, "valid integer")],
+)
+def test_bad_max_kv_tokens_is_rejected_naming_the_field(value, words):
+    with pytest.raises(pydantic.ValidationError) as error:
+        CompressionConfig(max_kv_tokens=value)
+    assert "max_kv_tokens" in str(error.value) and words in str(error.value)

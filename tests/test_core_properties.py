@@ -486,3 +486,67 @@ def test_kernel_choice_is_an_explicit_argument():
                                accumulated_attention(queries, keys))
     with pytest.raises((ValueError, RuntimeError, ImportError)):
         accumulated_attention(queries, keys, kernel="triton")   # no GPU, no interpreter
+
+
+# Budgets as token counts (max_kv_tokens) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cap", [20, 33, 64, 120, 500])
+def test_max_kv_tokens_is_the_papers_budget_in_tokens(method, cap):
+    """Without whole-block rounding a cap of C tokens is the paper's selection at N + M = C
+    (the fraction C / L where that is exact), and never keeps more than C unless the protected
+    positions alone exceed it."""
+    length = 120
+    keys, values, scores = layer(METHODS.index(method) + cap)
+    is_image = image_mask("many", length)
+    config = CompressionConfig(method=method, max_kv_tokens=cap, recent_ratio=0.05)
+    out = compress(keys, values, scores, is_image, config)
+    assert_consistent(out, length)
+    recent = min(int(0.05 * length), cap)
+    protected = (torch.arange(length) >= length - recent) | always_kept(config, is_image)
+    assert out.num_kept == min(length, max(cap, int(protected.sum())))
+    budget = min(1.0, cap / length)
+    if int(budget * length) == min(cap, length):  # the equivalent fraction keeps the same set
+        fraction = CompressionConfig(method=method, budget=budget, recent_ratio=0.05)
+        assert torch.equal(compress(keys, values, scores, is_image, fraction).kept_mask,
+                           out.kept_mask)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("keep_multiple", [1, 8, 32])
+@pytest.mark.parametrize("cap", [40, 70, 100, 150])
+def test_max_kv_tokens_rounds_down_to_whole_blocks(method, keep_multiple, cap):
+    """The engine rule under a cap: whole multiples, rounded DOWN, so kept <= cap whenever the
+    non-evictable positions fit; otherwise every evictable position the method may evict goes."""
+    keys, values, scores, is_image, evictable = engine_inputs(7)
+    length = is_image.shape[0]
+    config = CompressionConfig(method=method, max_kv_tokens=cap)
+    out = compress(keys, values, scores, is_image, config, evictable=evictable,
+                   keep_multiple=keep_multiple)
+    assert_consistent(out, length)
+    num_fixed = int((~evictable).sum())
+    assert out.kept_mask[:, ~evictable].all()
+    assert out.num_kept_evictable % keep_multiple == 0 or \
+        out.num_kept_evictable == int(evictable.sum())
+    if num_fixed <= cap:
+        assert out.num_kept <= cap
+        assert cap - out.num_kept < keep_multiple or out.num_kept_evictable == \
+            expected_kept_evictable_at_cap(config, is_image, evictable, keep_multiple)
+    else:
+        protected_evictable = int((always_kept(config, is_image) & evictable).sum())
+        assert out.num_kept_evictable == -(-protected_evictable // keep_multiple) * keep_multiple
+
+
+def expected_kept_evictable_at_cap(config, is_image, evictable, keep_multiple):
+    """k of the budget rule at the cap's N + M (the cap did not bind)."""
+    length = is_image.shape[0]
+    total = min(config.max_kv_tokens, length)
+    m = min(int(config.recent_ratio * length), total)
+    recent = torch.arange(length) >= length - m
+    protected = recent | always_kept(config, is_image)
+    selected = max(0, total - m - int((protected & ~recent).sum()))
+    candidates = int((~protected).sum())
+    share = -(-selected * int((~protected & evictable).sum()) // candidates) if candidates else 0
+    rounded = -(-(int((protected & evictable).sum()) + share) // keep_multiple) * keep_multiple
+    return min(rounded, int(evictable.sum()))

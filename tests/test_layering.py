@@ -119,10 +119,12 @@ def test_compression_stats_round_trip_through_kv_transfer_params():
 
     from lookm_vllm.stats import CompressionStats
 
-    stats = CompressionStats(compressed=True, method="lookm", budget=0.2, prompt_tokens=460,
-                             kv_tokens_kept=204, kv_blocks_freed=8, scoring_ms=None)
+    stats = CompressionStats(compressed=True, method="lookm", budget=None, prompt_tokens=460,
+                             kv_tokens_kept=204, kv_blocks_freed=8, scoring_ms=None,
+                             max_kv_tokens=256, image_tokens=288, video_tokens=0)
     wire = json.loads(json.dumps(stats.to_dict()))
     assert CompressionStats.from_dict(wire) == stats
     assert CompressionStats.from_dict(wire | {"future_field": 1}) == stats
-    assert stats.usage() == {"method": "lookm", "budget": 0.2, "prompt_tokens": 460,
+    assert stats.usage() == {"method": "lookm", "budget": None, "max_kv_tokens": 256,
+                             "prompt_tokens": 460, "image_tokens": 288, "video_tokens": 0,
                              "kv_tokens_kept": 204, "kv_blocks_freed": 8}

@@ -119,8 +119,8 @@ def expected_deltas(entry: dict) -> dict[str, float]:
 
 
 def check_entry(entry: dict, prompt_tokens: int, method: str = "lookm", budget: float = 0.2):
-    assert set(entry) == {"method", "budget", "prompt_tokens", "kv_tokens_kept",
-                          "kv_blocks_freed"}
+    assert set(entry) == {"method", "budget", "max_kv_tokens", "prompt_tokens", "image_tokens",
+                          "video_tokens", "kv_tokens_kept", "kv_blocks_freed"}
     assert (entry["method"], entry["budget"]) == (method, budget)
     assert entry["prompt_tokens"] == prompt_tokens
     assert 0 < entry["kv_tokens_kept"] < prompt_tokens
@@ -253,6 +253,11 @@ BAD_REQUESTS = {
                            "kv_compression", "recent_ratio (0.3) must not exceed budget"),
     "unknown-field": ({"kv_compression": {"budget": 0.2, "ratio": 1}}, "kv_compression.ratio",
                       "Extra inputs are not permitted"),
+    "budget-and-max-kv-tokens": ({"kv_compression": {"budget": 0.2, "max_kv_tokens": 256}},
+                                 "kv_compression", "give either budget (a fraction of the "
+                                 "prompt) or max_kv_tokens (a token count), not both"),
+    "max-kv-tokens-zero": ({"kv_compression": {"max_kv_tokens": 0}},
+                           "kv_compression.max_kv_tokens", "greater than or equal to 1"),
     "not-an-object": ({"kv_compression": "lookm"}, "kv_compression", "must be a JSON object"),
     "xargs-invalid": ({"vllm_xargs": {"kv_compression": '{"budget": -1}'}},
                       "vllm_xargs.kv_compression.budget", "greater than 0"),

@@ -87,6 +87,10 @@ def test_no_config_leaves_the_body_alone():
     ({"budget": "0.2"}, "kv_compression.budget", "valid number"),
     ({"budget": 0.1, "recent_ratio": 0.3}, "kv_compression", "recent_ratio"),
     ({"bogus": 1}, "kv_compression.bogus", "Extra inputs"),
+    ({"budget": 0.2, "max_kv_tokens": 256}, "kv_compression", "budget"),
+    ({"budget": 0.2, "max_kv_tokens": 256}, "kv_compression", "max_kv_tokens"),
+    ({"max_kv_tokens": 0}, "kv_compression.max_kv_tokens", "greater than or equal to 1"),
+    ({"max_kv_tokens": "256"}, "kv_compression.max_kv_tokens", "valid integer"),
     ("lookm", "kv_compression", "JSON object"),
     ([0.2], "kv_compression", "JSON object"),
 ])
@@ -212,13 +216,14 @@ def test_policy_from_args():
 # ------------------------------------------------------------------------------ responses
 STATS = {"compressed": True, "method": "lookm", "budget": 0.2, "prompt_tokens": 460,
          "kv_tokens_kept": 204, "kv_blocks_freed": 8, "pool_free_blocks_before": 1,
-         "pool_free_blocks_after": 9, "scoring_ms": 50.0, "compression_ms": 120.0}
-USAGE = {"method": "lookm", "budget": 0.2, "prompt_tokens": 460, "kv_tokens_kept": 204,
-         "kv_blocks_freed": 8}
+         "pool_free_blocks_after": 9, "scoring_ms": 50.0, "compression_ms": 120.0,
+         "max_kv_tokens": None, "image_tokens": 288, "video_tokens": 96}
+USAGE = {"method": "lookm", "budget": 0.2, "max_kv_tokens": None, "prompt_tokens": 460,
+         "image_tokens": 288, "video_tokens": 96, "kv_tokens_kept": 204, "kv_blocks_freed": 8}
 
 
-def metric(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+def metric(name: str, labels: dict | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def test_shape_response_moves_stats_into_usage_and_counts_them():
@@ -229,6 +234,8 @@ def test_shape_response_moves_stats_into_usage_and_counts_them():
                                      "lookm_kv_blocks_freed_total",
                                      "lookm_compression_seconds_count",
                                      "lookm_compression_seconds_sum")}
+    before |= {f"modality:{m}": metric("lookm_compressed_prompt_tokens_total", {"modality": m})
+               for m in ("text", "image", "video")}
     body = shape_response({"usage": {"prompt_tokens": 460},
                            "kv_transfer_params": {"kv_compression": dict(STATS)}})
     assert body == {"usage": {"prompt_tokens": 460, "kv_compression": USAGE}}
@@ -237,6 +244,9 @@ def test_shape_response_moves_stats_into_usage_and_counts_them():
     assert metric("lookm_kv_tokens_evicted_total") - before[
         "lookm_kv_tokens_evicted_total"] == 256
     assert metric("lookm_kv_blocks_freed_total") - before["lookm_kv_blocks_freed_total"] == 8
+    for modality, count in (("text", 76), ("image", 288), ("video", 96)):
+        assert metric("lookm_compressed_prompt_tokens_total", {"modality": modality}) \
+            - before[f"modality:{modality}"] == count
     assert metric("lookm_compression_seconds_count") - before[
         "lookm_compression_seconds_count"] == 1
     assert metric("lookm_compression_seconds_sum") - before[

@@ -71,6 +71,7 @@ def compress(
     evictable: Tensor | None = None,
     keep_multiple: int = 1,
     kernel: Kernel = "auto",
+    modality: Tensor | None = None,
 ) -> CompressedKV:
     """Compress one layer's prompt KV cache as ``config`` says (LOOK-M by default).
 
@@ -82,8 +83,9 @@ def compress(
         ``[Hkv, L]`` accumulated attention (:func:`accumulated_attention` over the queries
         :func:`scoring_queries` names); may be ``None`` for methods that do not rank by attention.
     is_image : Tensor, optional
-        bool ``[L]``, True at image-token positions; ``None`` means a text-only prompt (which
-        LOOK-M leaves uncompressed).
+        bool ``[L]``, True at the positions of visual tokens (image patches, video frames: what
+        the text prior does not protect); ``None`` means a text-only prompt (which LOOK-M leaves
+        uncompressed).
     config : CompressionConfig, dict, str or None
         Anything :meth:`CompressionConfig.parse` accepts.
     evictable : Tensor, optional
@@ -96,6 +98,10 @@ def compress(
         depends on the layout, budget and ``keep_multiple`` only, never on ``scores``.
     kernel : {"auto", "torch", "triton"}
         The merge assignment's implementation (:mod:`lookm_vllm.core.dispatch`).
+    modality : Tensor, optional
+        int64 ``[L]`` modality ids (0 = text, e.g. 1 = image, 2 = video; non-zero exactly where
+        ``is_image``): with ``merge_scope="same_modality"`` an evicted token merges only into
+        kept tokens of its own id. Default: ``is_image`` (text vs visual).
 
     Returns
     -------
@@ -128,7 +134,10 @@ def compress(
     for name, mask in (("is_image", is_image), ("evictable", evictable)):
         if mask is not None and (mask.shape != (length,) or mask.dtype != torch.bool):
             raise ValueError(f"{name} must be a bool tensor of shape [{length}]")
+    if modality is not None and modality.shape != (length,):
+        raise ValueError(f"modality must have shape [{length}]")
     is_image = is_image.to(keys.device)
+    modality = None if modality is None else modality.to(keys.device, torch.int64)
     evictable = None if evictable is None else evictable.to(keys.device)
 
     if config.is_active:
@@ -152,7 +161,8 @@ def compress(
     kept_values = _gather_positions(values, kept)
     if config.merge != "none":
         evicted = _positions_per_head(~kept_mask)
-        kept_group, evicted_group = _merge_groups(config, is_image, kept, evicted)
+        kept_group, evicted_group = _merge_groups(
+            config, is_image.to(torch.int64) if modality is None else modality, kept, evicted)
         compute_dtype = torch.promote_types(keys.dtype, torch.float32)
         evicted_keys = _gather_positions(keys, evicted)
         if use_triton(kernel, keys):
@@ -177,11 +187,10 @@ def compress(
                         num_kept_evictable)
 
 
-def _merge_groups(config: CompressionConfig, is_image: Tensor, kept: Tensor, evicted: Tensor
+def _merge_groups(config: CompressionConfig, modality: Tensor, kept: Tensor, evicted: Tensor
                   ) -> tuple[Tensor | None, Tensor | None]:
     """Merge groups for :func:`assign_to_kept`: the modality with ``same_modality``, else none
     (any kept token may receive, as in the paper)."""
     if config.merge_scope == "all":
         return None, None
-    group = is_image.to(torch.int64)
-    return group[kept], group[evicted]
+    return modality[kept], modality[evicted]

@@ -23,6 +23,8 @@ from .selection import SELECTORS
 # The value of ``method`` and ``merge`` that turns compression or merging off.
 NO_COMPRESSION = "none"
 NO_MERGE = "none"
+# ``budget`` when neither it nor ``max_kv_tokens`` is given (the paper's 0.1 + 0.1).
+DEFAULT_BUDGET = 0.2
 
 
 def method_names() -> tuple[str, ...]:
@@ -76,12 +78,22 @@ class CompressionConfig(BaseModel):
         text-prior selection (only image tokens are ever evicted); the others are the paper's
         baselines plus a random control (docs/methods.md). ``none`` disables compression and
         ignores every other field.
-    budget : float
+    budget : float, optional
         Fraction of the prompt KV kept, the paper's alpha1 + alpha2, in (0, 1]. With ``lookm`` the
-        real kept fraction can be larger: all text is kept whatever the budget.
+        real kept fraction can be larger: all text is kept whatever the budget. Default 0.2 when
+        ``max_kv_tokens`` is not given; giving both is an error.
+    max_kv_tokens : int, optional
+        The budget as a token count instead of a fraction: at most this many prompt KV
+        positions are kept per layer and KV head (the paper's ``N + M`` is
+        ``min(max_kv_tokens, L)``). An engine that frees whole blocks rounds the kept image
+        positions DOWN to whole blocks, so the cap is never exceeded by rounding; it is exceeded
+        only where the positions the method never evicts (for ``lookm``: all text and the recent
+        window, and the tokens of partially filled blocks) already exceed it
+        (:func:`~lookm_vllm.core.selection.select_kept`). Exclusive with ``budget``.
     recent_ratio : float
         The paper's alpha1: the last ``int(recent_ratio * L)`` positions (the recent window) are
-        always kept. Part of the budget, so ``0 <= recent_ratio <= budget``.
+        always kept. Part of the budget, so ``0 <= recent_ratio <= budget``; with
+        ``max_kv_tokens`` the window is at most ``max_kv_tokens`` positions.
     merge : {"pivotal", "average", "weighted", "none"}, optional
         How evicted KV pairs are merged into kept ones (paper Eq. 9-12): a name in ``MERGES``, or
         ``none``. Default: the method's ``default_merge``, ``pivotal`` for ``lookm`` (the paper's
@@ -108,7 +120,9 @@ class CompressionConfig(BaseModel):
 
     method: MethodField = "lookm"
     # strict: a JSON string "0.2" is a client bug worth reporting, not a number to guess at.
-    budget: float = Field(default=0.2, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    budget: float | None = Field(default=None, gt=0.0, le=1.0, strict=True,
+                                 allow_inf_nan=False)
+    max_kv_tokens: int | None = Field(default=None, ge=1, strict=True)
     recent_ratio: float = Field(default=0.1, ge=0.0, le=1.0, strict=True, allow_inf_nan=False)
     merge: MergeField | None = None
     merge_scope: MergeScope = "all"
@@ -125,6 +139,12 @@ class CompressionConfig(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if data.get("max_kv_tokens") is not None:
+            if data.get("budget") is not None:
+                raise ValueError("give either budget (a fraction of the prompt) or "
+                                 "max_kv_tokens (a token count), not both")
+        elif data.get("budget") is None:
+            data["budget"] = DEFAULT_BUDGET
         method = data.get("method", cls.model_fields["method"].default)
         selector = SELECTORS.get(method) if isinstance(method, str) else None
         if data.get("merge") is None:
@@ -135,7 +155,7 @@ class CompressionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_recent_within_budget(self) -> CompressionConfig:
-        if self.recent_ratio > self.budget:
+        if self.budget is not None and self.recent_ratio > self.budget:
             raise ValueError(
                 f"recent_ratio ({self.recent_ratio}) must not exceed budget ({self.budget}): "
                 "the recent window is part of the kept budget"
@@ -174,8 +194,10 @@ class CompressionConfig(BaseModel):
 
     @property
     def is_active(self) -> bool:
-        """Whether this config can change a cache at all (not ``none``, budget below 1)."""
-        return self.method != NO_COMPRESSION and self.budget < 1.0
+        """Whether this config can change a cache at all (not ``none``; a budget below 1 or a
+        token cap)."""
+        return self.method != NO_COMPRESSION and (self.max_kv_tokens is not None
+                                                  or self.budget < 1.0)
 
     @property
     def needs_attention(self) -> bool:

@@ -38,6 +38,18 @@ best of them.
    ``evictable`` (or with all positions evictable) and with ``keep_multiple = 1``,
    ``share = S`` and this is exactly the paper's selection. Evicted means not kept; merging is
    unaffected by this rule.
+
+3. Budgets in tokens (``max_kv_tokens = C``). The paper's ``N + M`` is ``min(C, L)`` instead of
+   ``int(budget * L)``, with ``M = min(int(recent_ratio * L), C)``, and the rules above apply.
+   ``C`` is a cap, so ``k`` is then also bounded from above, rounded DOWN::
+
+       k = min(k, max(round_down(C - n_non_evictable, keep_multiple),
+                      round_up(n_pe, keep_multiple)))
+
+   hence ``num_kept <= C`` whenever the positions that are always kept (the non-evictable ones:
+   for LOOK-M all text, the recent window and partially filled blocks) fit under ``C``. When
+   they do not, every evictable position the method may evict is evicted and ``num_kept`` is
+   those positions' count (the text prior is never broken to meet a cap).
 """
 
 from __future__ import annotations
@@ -62,6 +74,19 @@ def recent_window_size(length: int, recent_ratio: float) -> int:
 def important_count(length: int, budget: float, recent_ratio: float) -> int:
     """``N = int(budget * L) - M``, the paper's alpha2 share (older positions kept by rank)."""
     return int(budget * length) - recent_window_size(length, recent_ratio)
+
+
+def budget_tokens(length: int, config: CompressionConfig) -> int:
+    """The paper's ``N + M`` for ``config``: ``int(budget * L)``, or ``min(max_kv_tokens, L)``."""
+    if config.max_kv_tokens is not None:
+        return min(config.max_kv_tokens, length)
+    return int(config.budget * length)
+
+
+def recent_tokens(length: int, config: CompressionConfig) -> int:
+    """``M`` for ``config``: ``int(recent_ratio * L)``, at most :func:`budget_tokens` (a
+    ``budget`` config guarantees that already: ``recent_ratio <= budget``)."""
+    return min(recent_window_size(length, config.recent_ratio), budget_tokens(length, config))
 
 
 @dataclass(frozen=True)
@@ -252,9 +277,8 @@ def select_kept(
     device = is_image.device
     if keep_multiple < 1:
         raise ValueError(f"keep_multiple must be >= 1, got {keep_multiple}")
-    recent = torch.arange(length, device=device) >= length - recent_window_size(
-        length, config.recent_ratio
-    )
+    num_recent = recent_tokens(length, config)
+    recent = torch.arange(length, device=device) >= length - num_recent
     protected = recent.clone()
     always_kept = selector.always_kept(is_image)
     if always_kept is not None:
@@ -263,7 +287,7 @@ def select_kept(
         evictable = torch.ones(length, dtype=torch.bool, device=device)
 
     # The paper's count S of candidates kept per head, as if every position were evictable.
-    wanted = important_count(length, config.budget, config.recent_ratio)
+    wanted = budget_tokens(length, config) - num_recent
     num_selected = max(0, wanted - int((protected & ~recent).sum()))
     num_candidates = length - int(protected.sum())
     # The evictable candidates' proportional share of S, then k: layout only, never the scores.
@@ -273,6 +297,14 @@ def select_kept(
     num_protected_evictable = int((protected & evictable).sum())
     num_evictable = int(evictable.sum())
     kept_evictable = min(_round_up(num_protected_evictable + share, keep_multiple), num_evictable)
+    if config.max_kv_tokens is not None:
+        # A cap, not a target: every non-evictable position is kept, the evictable ones get the
+        # room left under the cap, rounded DOWN to whole multiples (never below the protected).
+        room = max(0, config.max_kv_tokens - (length - num_evictable))
+        kept_evictable = min(kept_evictable, max(room // keep_multiple * keep_multiple,
+                                                 _round_up(num_protected_evictable,
+                                                           keep_multiple)))
+        kept_evictable = min(kept_evictable, num_evictable)
 
     # Every head: protected and non-evictable positions, then its best evictable candidates.
     num_chosen = kept_evictable - num_protected_evictable

@@ -82,11 +82,13 @@ class _SchedRequest:
     stats: CompressionStats | None = None
 
 
-def image_spans(request: Any) -> tuple[tuple[int, int], ...]:
-    """Half-open position ranges of a request's image embedding tokens."""
+def media_spans(request: Any, modality: str = "image") -> tuple[tuple[int, int], ...]:
+    """Half-open position ranges of a request's embedding tokens of one modality (``image`` or
+    ``video``): the runs of each placeholder's ``is_embed`` (e.g. Qwen2-VL's vision start/end
+    tokens are not in them)."""
     spans = []
     for feature in request.mm_features or ():
-        if feature.modality != "image":
+        if feature.modality != modality:
             continue
         pos = feature.mm_position
         if pos.is_embed is None:
@@ -100,6 +102,18 @@ def image_spans(request: Any) -> tuple[tuple[int, int], ...]:
                 spans.append((pos.offset + run_start, pos.offset + i))
                 run_start = None
     return tuple(sorted(spans))
+
+
+def image_spans(request: Any) -> tuple[tuple[int, int], ...]:
+    """Half-open position ranges of a request's image embedding tokens."""
+    return media_spans(request, "image")
+
+
+def _stats(plan: RequestPlan, **fields: Any) -> CompressionStats:
+    counts = plan.modality_counts()
+    return CompressionStats(method=plan.config.method, budget=plan.config.budget,
+                            max_kv_tokens=plan.config.max_kv_tokens,
+                            image_tokens=counts["image"], video_tokens=counts["video"], **fields)
 
 
 def check_supported(vllm_config: Any, kv_cache_config: Any | None) -> None:
@@ -225,7 +239,8 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
             return
         if config is None or not config.is_active:
             return
-        plan = RequestPlan(config, request.num_prompt_tokens, image_spans(request))
+        plan = RequestPlan(config, request.num_prompt_tokens, image_spans(request),
+                           video_spans=media_spans(request, "video"))
         self._requests[request.request_id] = _SchedRequest(plan)
         # Its blocks will be rewritten in place: never share them through prefix caching.
         request.cache_salt = f"lookm:{uuid.uuid4().hex}"
@@ -238,8 +253,7 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
         for req_id in scheduler_output.preempted_req_ids or ():
             state = self._requests.get(req_id)
             if state is not None:  # recomputed from scratch: compress again, as a new epoch
-                state.plan = RequestPlan(state.plan.config, state.plan.prompt_len,
-                                         state.plan.image_spans, state.plan.epoch + 1)
+                state.plan = replace(state.plan, epoch=state.plan.epoch + 1)
                 state.sent = False
                 meta.drop.append(req_id)
         for req_id in scheduler_output.num_scheduled_tokens:
@@ -261,9 +275,8 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
                 free_before = self._kv_cache_manager.block_pool.get_num_free_blocks()
                 self._free_holes(req_id, result["holes"])
                 free_after = self._kv_cache_manager.block_pool.get_num_free_blocks()
-                state.stats = CompressionStats(
-                    compressed=True, method=state.plan.config.method,
-                    budget=state.plan.config.budget, prompt_tokens=result["prompt_tokens"],
+                state.stats = _stats(
+                    state.plan, compressed=True, prompt_tokens=result["prompt_tokens"],
                     kv_tokens_kept=result["kv_tokens_kept"],
                     kv_blocks_freed=len(result["holes"]),
                     pool_free_blocks_before=free_before, pool_free_blocks_after=free_after)
@@ -295,9 +308,9 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
         self._drop.append(request.request_id)
         # Finished before its compression was reported (e.g. max_tokens=1): nothing was freed.
         plan = state.plan
-        stats = state.stats or CompressionStats(
-            compressed=False, method=plan.config.method, budget=plan.config.budget,
-            prompt_tokens=plan.prompt_len, kv_tokens_kept=plan.prompt_len, kv_blocks_freed=0)
+        stats = state.stats or _stats(
+            plan, compressed=False, prompt_tokens=plan.prompt_len,
+            kv_tokens_kept=plan.prompt_len, kv_blocks_freed=0)
         return False, {STATS_KEY: stats.to_dict()}
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:

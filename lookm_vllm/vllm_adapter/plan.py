@@ -2,8 +2,8 @@
 
 Invariants this module relies on (see docs/engine.md):
 - Savings are whole paged blocks: only blocks lying entirely inside the compressible span of the
-  prompt (image tokens for LOOK-M, any token for the baselines) and entirely before the recent
-  window may be freed. Everything else stays where vLLM put it.
+  prompt (image and video tokens for LOOK-M, any token for the baselines) and entirely before the
+  recent window may be freed. Everything else stays where vLLM put it.
 - The plan depends only on the prompt length, image positions, block size and config, never on
   scores, so every layer, KV head and tensor-parallel rank derives the same holes. The masks are
   therefore computed once per plan (and device), not once per layer.
@@ -19,10 +19,14 @@ import torch
 from lookm_vllm.core import (
     SELECTORS,
     CompressionConfig,
-    recent_window_size,
+    recent_tokens,
     scoring_queries,
     selector_for,
 )
+
+# Modality ids of prompt positions (``RequestPlan.modality``, ``core.compress(modality=...)``).
+TEXT, IMAGE, VIDEO = 0, 1, 2
+MODALITIES = {"text": TEXT, "image": IMAGE, "video": VIDEO}
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,17 @@ class RequestPlan:
         Half-open position ranges of image embedding tokens.
     epoch : int
         Bumped by the scheduler on every preemption, so results of an older run are ignored.
+    video_spans : tuple of (start, end)
+        Half-open position ranges of video embedding tokens (frames). Compressed exactly like
+        image tokens (the text prior protects text only); a modality of their own for
+        ``merge_scope="same_modality"``.
     """
 
     config: CompressionConfig
     prompt_len: int
     image_spans: tuple[tuple[int, int], ...]
     epoch: int = 0
+    video_spans: tuple[tuple[int, int], ...] = ()
     # Derived tensors, by (name, block size, device): a pure function of the fields above.
     _memo: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -58,15 +67,26 @@ class RequestPlan:
             value = self._memo[(*key, device)] = cpu.to(device)
         return value
 
-    def is_image(self, device=None) -> torch.Tensor:
-        """bool ``[P]``: True at image embedding positions (on ``device``, CPU by default)."""
+    def modality(self, device=None) -> torch.Tensor:
+        """int64 ``[P]``: :data:`TEXT`, :data:`IMAGE` or :data:`VIDEO` per prompt position."""
         def build():
-            mask = torch.zeros(self.prompt_len, dtype=torch.bool)
-            for start, end in self.image_spans:
-                mask[start:min(end, self.prompt_len)] = True
-            return mask
+            ids = torch.full((self.prompt_len,), TEXT, dtype=torch.int64)
+            for spans, value in ((self.image_spans, IMAGE), (self.video_spans, VIDEO)):
+                for start, end in spans:
+                    ids[start:min(end, self.prompt_len)] = value
+            return ids
 
-        return self._cached(("is_image",), device, build)
+        return self._cached(("modality",), device, build)
+
+    def is_image(self, device=None) -> torch.Tensor:
+        """bool ``[P]``: True at image or video embedding positions, the visual tokens
+        ``core.compress`` may evict (on ``device``, CPU by default)."""
+        return self._cached(("is_image",), device, lambda: self.modality() != TEXT)
+
+    def modality_counts(self) -> dict[str, int]:
+        """Prompt positions per modality: ``{"text": ..., "image": ..., "video": ...}``."""
+        counts = torch.bincount(self.modality(), minlength=3).tolist()
+        return {name: counts[value] for name, value in MODALITIES.items()}
 
     @property
     def num_scoring_queries(self) -> int:
@@ -85,8 +105,7 @@ class RequestPlan:
         return list(self._memo[key])
 
     def _evictable_blocks(self, block_size: int) -> list[int]:
-        recent_start = self.prompt_len - recent_window_size(self.prompt_len,
-                                                              self.config.recent_ratio)
+        recent_start = self.prompt_len - recent_tokens(self.prompt_len, self.config)
         num_blocks = recent_start // block_size
         # The positions the method never evicts (LOOK-M: text) pin their blocks; "none" has no
         # selector and pins nothing.
@@ -115,9 +134,13 @@ class RequestPlan:
 
     def to_dict(self) -> dict:
         return {"config": self.config.model_dump(mode="json"), "prompt_len": self.prompt_len,
-                "image_spans": [list(s) for s in self.image_spans], "epoch": self.epoch}
+                "image_spans": [list(s) for s in self.image_spans], "epoch": self.epoch,
+                "video_spans": [list(s) for s in self.video_spans]}
 
     @classmethod
     def from_dict(cls, data: dict) -> RequestPlan:
+        def spans(key):
+            return tuple((int(a), int(b)) for a, b in data.get(key, ()))
+
         return cls(CompressionConfig.parse(data["config"]), int(data["prompt_len"]),
-                   tuple((int(a), int(b)) for a, b in data["image_spans"]), int(data["epoch"]))
+                   spans("image_spans"), int(data["epoch"]), spans("video_spans"))
