@@ -107,7 +107,8 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
     evictable = plan.evictable_mask(block_size, keys.device)
     out = compress(keys, values, None if scores is None else scores[:, :length],
                    plan.is_image(keys.device), plan.config,
-                   evictable=evictable, keep_multiple=block_size)
+                   evictable=evictable, keep_multiple=block_size,
+                   modality=plan.modality(keys.device))
     if not out.compressed:
         return Compaction(holes=[], num_kept=length)
 
