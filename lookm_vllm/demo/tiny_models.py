@@ -727,8 +727,10 @@ def image_messages(
     images: Sequence[Any] | None = None,
     *,
     images_first: bool = True,
+    num_videos: int = 0,
 ) -> list[dict[str, Any]]:
-    """One user message with ``num_images`` image parts and a text part (OpenAI-style parts).
+    """One user message with ``num_images`` image parts, ``num_videos`` video parts (after the
+    images; Qwen2-VL-family templates only) and a text part (OpenAI-style parts).
 
     If ``images`` is given, each part carries ``{"type": "image", "image": img}`` (what
     transformers' ``apply_chat_template(tokenize=True)`` wants); otherwise a bare image part."""
@@ -740,21 +742,24 @@ def image_messages(
         if images is not None:
             part["image"] = images[i]
         parts.append(part)
+    parts += [{"type": "video"} for _ in range(num_videos)]
     text = {"type": "text", "text": question}
     parts = parts + [text] if images_first else [text] + parts
     return [{"role": "user", "content": parts}]
 
 
-def chat_prompt(path_or_processor, question: str, num_images: int) -> str:
+def chat_prompt(path_or_processor, question: str, num_images: int, num_videos: int = 0) -> str:
     """The chat-templated prompt string (generation prompt added) for one user turn with
-    ``num_images`` images before the question; use with ``vllm.LLM.generate({"prompt": p,
-    "multi_modal_data": {"image": images}})`` or with ``processor(text=p, images=images)``."""
+    ``num_images`` images, then ``num_videos`` videos, before the question; use with
+    ``vllm.LLM.generate({"prompt": p, "multi_modal_data": {"image": images, "video": videos}})``
+    or with ``processor(text=p, images=images, videos=videos)``."""
     if isinstance(path_or_processor, (str, os.PathLike)):
         processor = _cached_processor(str(path_or_processor))
     else:
         processor = path_or_processor
     return processor.apply_chat_template(
-        image_messages(question, num_images), tokenize=False, add_generation_prompt=True
+        image_messages(question, num_images, num_videos=num_videos), tokenize=False,
+        add_generation_prompt=True
     )
 
 

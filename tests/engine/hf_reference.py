@@ -32,9 +32,12 @@ def load(path: str):
 
 
 @torch.inference_mode()
-def prefill(path: str, prompt: str, images) -> HFPrefill:
+def prefill(path: str, prompt: str, images, videos=None) -> HFPrefill:
     model, processor = load(path)
-    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    media = {"images": images or None}
+    if videos:
+        media["videos"] = videos
+    inputs = processor(text=prompt, **media, return_tensors="pt")
     out = model(**inputs, use_cache=True, output_attentions=True)
     cache = out.past_key_values
     num_kv = cache.layers[0].keys.shape[1]

