@@ -40,6 +40,11 @@ class CompressionStats:
         request may finish before its times arrive).
     image_tokens, video_tokens : int
         Prompt positions holding image / video embeddings (the tokens LOOK-M may evict).
+    prefix_reused_tokens : int
+        Prompt tokens read from vLLM's prefix cache instead of prefilled (0 with prefix caching
+        off, and always 0 for full scoring, which re-prefills its whole prompt privately).
+    skipped : str or None
+        Why a request asking for compression was left uncompressed, when it was.
     """
 
     compressed: bool
@@ -55,6 +60,8 @@ class CompressionStats:
     max_kv_tokens: int | None = None
     image_tokens: int = 0
     video_tokens: int = 0
+    prefix_reused_tokens: int = 0
+    skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -318,3 +318,52 @@ def test_cpu_fp8_cache_names_and_layout():
         assert torch.equal(values[1].transpose(0, 1), codes[1])
         assert torch.equal(codec.decode(keys[1], "key").transpose(0, 1), exact[0])
         assert torch.equal(codec.decode(values[1], "value").transpose(0, 1), exact[1])
+
+
+def test_prefix_cache_names():
+    """What prefix_cache.py and the connector rely on to let compressed requests read the prefix
+    cache (docs/engine.md, "Prefix caching with compressed requests")."""
+    from vllm.config import CacheConfig
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+    from vllm.v1.request import Request
+
+    from lookm_vllm.vllm_adapter.prefix_cache import rechain_hashes
+
+    # the hasher a request calls when blocks fill up: hashes the blocks after block_hashes,
+    # chained from block_hashes[-1]; the lookup reads the request's block_hashes
+    init_none_hash(sha256)
+
+    def make(tokens):
+        return Request("r", tokens, SamplingParams(), None,
+                       block_hasher=get_request_block_hasher(16, sha256))
+
+    plain, salted = make(list(range(100))), make(list(range(100)))
+    rechain_hashes(salted, 2, "salt")
+    assert salted.block_hashes[:2] == plain.block_hashes[:2] and len(plain.block_hashes) == 6
+    assert not set(salted.block_hashes[2:]) & set(plain.block_hashes)
+    for req in (plain, salted):
+        req.append_output_token_ids(list(range(40)))
+    assert len(salted.block_hashes) == len(plain.block_hashes) == 8
+    assert not set(salted.block_hashes[2:]) & set(plain.block_hashes)
+    assert "request.block_hashes" in inspect.getsource(KVCacheManager.get_computed_blocks)
+    assert "self.num_computed_tokens" in inspect.getsource(Request.__init__)
+    # private blocks: taken from and returned to the pool; replaced below num_cached_block,
+    # which cache_blocks never re-hashes
+    assert params(BlockPool.get_new_blocks) == ["self", "num_blocks"]
+    assert params(BlockPool.free_blocks) == ["self", "ordered_blocks"]
+    init = inspect.getsource(SingleTypeKVCacheManager.__init__)
+    assert "self.req_to_blocks" in init and "self.num_cached_block" in init
+    assert "num_cached_block" in inspect.getsource(SingleTypeKVCacheManager.cache_blocks)
+    assert "enable_prefix_caching" in {f.name for f in dataclasses.fields(CacheConfig)}
+    # build_connector_meta runs after the step's allocations and before num_computed_tokens
+    # advances; no waiting request is scheduled in a step that preempted one
+    schedule = inspect.getsource(Scheduler.schedule)
+    assert (schedule.index("allocate_slots(") < schedule.index("_build_kv_connector_meta(")
+            < schedule.index("_update_after_schedule(scheduler_output)"))
+    assert "if not preempted_reqs" in schedule

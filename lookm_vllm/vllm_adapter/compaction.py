@@ -12,6 +12,10 @@ turns some whole blocks of the prompt into holes:
    evictable blocks (attention over a cache is order-free and keys carry their own RoPE);
 4. the remaining evictable blocks are holes: the worker's read view skips them and the scheduler
    returns them to the pool.
+
+With prefix caching, the full prompt blocks may be shared or hashed and are never written: the
+scheduler hands over private ``targets`` (one per live full prompt block, in column order) and
+step 3 writes there instead (``Compaction.row``); the originals are only read.
 """
 
 from __future__ import annotations
@@ -41,12 +45,16 @@ class Compaction:
     kept, slots : Tensor or None
         int64 ``[Hkv, K]``: each head's kept positions and the logical slot (block index *
         block_size + offset) each now lives in; None when nothing was compressed.
+    row : Tensor or None
+        The block row the kept entries were written through (``block_row`` with the live full
+        prompt blocks replaced by the private ``targets``; ``block_row`` itself in place).
     """
 
     holes: list[int]
     num_kept: int
     kept: Tensor | None = None
     slots: Tensor | None = None
+    row: Tensor | None = None
 
 
 def _gather(cache: Tensor, block_row: Tensor, length: int) -> Tensor:
@@ -73,7 +81,8 @@ def gather_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, len
 
 def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, plan: RequestPlan,
                    scores: Tensor | None, stored_keys: Tensor | None = None,
-                   codec: KVCodec | None = None) -> Compaction:
+                   codec: KVCodec | None = None, targets: list[int] | None = None
+                   ) -> Compaction:
     """Compress a request's prompt in one layer's paged cache, in place.
 
     Parameters
@@ -93,6 +102,10 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
         What the cache entries mean (default: plain numbers of the cache's dtype). Compression
         runs on the decoded numbers; kept entries that nothing merged into keep their stored
         bytes (bit-exact), merged ones are encoded by the codec.
+    targets : list of int, optional
+        Private physical blocks for the live (non-hole) full prompt blocks, in column order:
+        the kept entries of those columns are written there and the original blocks are left
+        untouched (prefix caching). None: rewrite the request's own blocks in place.
     """
     block_size = key_cache.shape[2]
     length = plan.prompt_len
@@ -121,13 +134,28 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
     packed = region[rank.clamp(min=0) // block_size] * block_size + rank.clamp(min=0) % block_size
     logical = torch.where(kept_evictable, packed, logical)
     new_keys, new_values = _stored_rows(out, stored_keys, stored_values, codec)
-    index = _slot_index(block_row, logical, block_size)
+    kept_region_blocks = out.num_kept_evictable // block_size
+    holes = evictable_blocks[kept_region_blocks:]
+    row = block_row if targets is None else redirected_row(block_row, holes, targets,
+                                                           length // block_size)
+    index = _slot_index(row, logical, block_size)
     key_cache[index] = new_keys
     value_cache[index] = new_values
+    return Compaction(holes=holes, num_kept=out.num_kept, kept=out.kept, slots=logical, row=row)
 
-    kept_region_blocks = out.num_kept_evictable // block_size
-    return Compaction(holes=evictable_blocks[kept_region_blocks:], num_kept=out.num_kept,
-                      kept=out.kept, slots=logical)
+
+def redirected_row(block_row: Tensor, holes: list[int], targets: list[int], num_full: int
+                   ) -> Tensor:
+    """``block_row`` with its live full prompt columns (``[0, num_full)`` minus ``holes``)
+    replaced, in order, by the private ``targets``."""
+    live = sorted(set(range(num_full)) - set(holes))
+    if len(live) != len(targets):
+        raise RuntimeError(f"{len(targets)} private blocks for {len(live)} live prompt blocks")
+    row = block_row.clone()
+    if live:
+        row[torch.tensor(live, device=row.device)] = torch.tensor(targets, dtype=row.dtype,
+                                                                  device=row.device)
+    return row
 
 
 def _stored_rows(out: CompressedKV, stored_keys: Tensor, stored_values: Tensor, codec: KVCodec
@@ -174,16 +202,22 @@ class HoleMap:
     kept_columns : numpy.ndarray
         int64, the live logical columns before the last hole (computed once per request, so
         building a step's read view costs no per-column Python).
+    private : numpy.ndarray or None
+        int64 physical blocks that replace the first ``len(private)`` columns of the compacted
+        row (the live full prompt blocks, written to private blocks under prefix caching).
     """
 
     holes: tuple[int, ...]
     kept_columns: np.ndarray
+    private: np.ndarray | None = None
 
     @classmethod
-    def from_holes(cls, holes: list[int] | tuple[int, ...]) -> HoleMap:
+    def from_holes(cls, holes: list[int] | tuple[int, ...],
+                   private: list[int] | None = None) -> HoleMap:
         holes = tuple(sorted(holes))
         end = holes[-1] + 1 if holes else 0
-        return cls(holes, np.setdiff1d(np.arange(end, dtype=np.int64), holes))
+        return cls(holes, np.setdiff1d(np.arange(end, dtype=np.int64), holes),
+                   None if private is None else np.asarray(private, dtype=np.int64))
 
     def live_columns(self, num_blocks: int) -> np.ndarray:
         """Logical columns ``< num_blocks`` that hold KV, in order (``num_blocks`` covers at
@@ -198,8 +232,10 @@ def compacted_view(block_table: Tensor, seq_lens: Tensor, seq_lens_cpu: Tensor,
     """The read view of compressed requests: their block-table rows without the holes.
 
     For each ``(row, holes)`` the row's blocks are shifted left over the holes and its sequence
-    length drops by ``len(holes) * block_size``. Slot mapping and positions stay logical, so new
-    tokens are still written to (and RoPE'd at) their uncompressed positions.
+    length drops by ``len(holes) * block_size``; the first columns are then replaced by the
+    request's private blocks when it has any (``HoleMap.private``). Slot mapping and positions
+    stay logical, so new tokens are still written to (and RoPE'd at) their uncompressed
+    positions.
 
     Built for a device-resident batch without reading anything back from the device: the
     gather index comes from the CPU sequence lengths and each request's :class:`HoleMap`, goes
@@ -242,17 +278,26 @@ def compacted_view(block_table: Tensor, seq_lens: Tensor, seq_lens_cpu: Tensor,
     lens = seq_lens_cpu.numpy()
     live = [holes.live_columns(-(-int(lens[row]) // block_size)) for row, holes in holed]
     columns = max(len(cols) for cols in live)
-    # One CPU tensor, one copy: [rows | hole tokens | gather index (padded, clipped)].
-    packed = np.empty((len(holed), 2 + columns), dtype=np.int64)
-    packed[:, 2:] = width - 1
+    redirect = any(holes.private is not None for _, holes in holed)
+    # One CPU tensor, one copy: [rows | hole tokens | gather index (padded, clipped)
+    # | private block or -1 (only when a row has private blocks)].
+    packed = np.empty((len(holed), 2 + columns * (2 if redirect else 1)), dtype=np.int64)
+    packed[:, 2:2 + columns] = width - 1
+    packed[:, 2 + columns:] = -1
     for i, ((row, holes), cols) in enumerate(zip(holed, live, strict=True)):
         packed[i, 0] = row
         packed[i, 1] = len(holes.holes) * block_size
         packed[i, 2:2 + len(cols)] = cols
+        if holes.private is not None:
+            packed[i, 2 + columns:2 + columns + len(holes.private)] = holes.private
     rows_cpu = torch.from_numpy(packed[:, 0])
     lens_cpu[rows_cpu] -= torch.from_numpy(packed[:, 1]).to(lens_cpu.dtype)
     packed_dev = torch.from_numpy(packed).to(block_table.device, non_blocking=True)
-    rows, index = packed_dev[:, 0], packed_dev[:, 2:]
-    table_out[rows, :columns] = block_table.index_select(0, rows).gather(1, index)
+    rows, index = packed_dev[:, 0], packed_dev[:, 2:2 + columns]
+    gathered = block_table.index_select(0, rows).gather(1, index)
+    if redirect:
+        private = packed_dev[:, 2 + columns:]
+        gathered = torch.where(private >= 0, private.to(gathered.dtype), gathered)
+    table_out[rows, :columns] = gathered
     lens_out.index_add_(0, rows, -packed_dev[:, 1].to(lens_out.dtype))
     return table_out, lens_out, lens_cpu

@@ -4,8 +4,11 @@ vLLM names touched here (each has a contract test in tests/test_vllm_contract.py
 - ``KVConnectorBase_V1`` / ``SupportsHMA`` hooks: ``on_new_request``, ``build_connector_meta``,
   ``update_connector_output``, ``request_finished_all_groups``, ``handle_preemptions``,
   ``build_connector_worker_meta``;
-- ``Request.cache_salt`` / ``block_hashes`` / ``update_block_hashes`` (compressed requests get a
-  private salt so their blocks, rewritten in place, are never shared through prefix caching);
+- ``Request.block_hashes`` / ``update_block_hashes`` / ``_block_hasher`` /
+  ``num_computed_tokens`` (``prefix_cache.py``: with prefix caching a compressed request reads
+  the cached blocks its scoring does not recompute, and its later blocks get private hashes);
+- ``BlockPool.get_new_blocks`` / ``free_blocks`` and the manager's ``req_to_blocks`` (the
+  compacted prompt goes to private blocks that replace the originals, which stay cached);
 - ``KVCacheManager.coordinator.single_type_managers[0]._remove_blocks_in_range`` (frees holes,
   leaving vLLM's ``null_block`` in their place, as sliding-window attention does) and
   ``block_pool.get_num_free_blocks``.
@@ -35,6 +38,7 @@ from lookm_vllm.stats import STATS_KEY, CompressionStats
 
 from .options import EXTRA_ARGS_KEY, default_config, request_config
 from .plan import RequestPlan
+from .prefix_cache import hit_cap, num_holes, rechain_hashes
 from .worker_state import STATE
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,9 @@ class LookMMetadata(KVConnectorMetadata):
 
     plans: dict[str, dict] = field(default_factory=dict)
     drop: list[str] = field(default_factory=list)
+    # Prefix caching, with the prompt's last chunk: {req_id: {"epoch", "blocks"}}, the private
+    # blocks the compacted prompt is written to (None: not compressed, the pool had none).
+    targets: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +87,13 @@ class _SchedRequest:
     plan: RequestPlan
     sent: bool = False
     stats: CompressionStats | None = None
+    # Prefix caching (prefix_cache.py): the vLLM request, the private blocks allocated for its
+    # compacted prompt (until the workers report it), the cached tokens its prefill started from.
+    request: Any = None
+    targets_sent: bool = False
+    private: list | None = None
+    reused_tokens: int = 0
+    skipped: str | None = None
 
 
 def media_spans(request: Any, modality: str = "image") -> tuple[tuple[int, int], ...]:
@@ -184,6 +198,9 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
                              f"['default']): {exc}") from exc
         self._requests: dict[str, _SchedRequest] = {}
         self._drop: list[str] = []
+        cache_config = vllm_config.cache_config
+        self._prefix_caching = bool(cache_config.enable_prefix_caching)
+        self._block_size = cache_config.block_size
         if role == KVConnectorRole.WORKER:
             check_attention_backend(vllm_config)
             STATE.active = True
@@ -221,7 +238,8 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
         # The first hook of a step, before the runner builds attention metadata (which needs the
         # plans); ``bind_connector_metadata`` only comes later, around the forward.
         assert isinstance(kv_connector_metadata, LookMMetadata)
-        STATE.apply(kv_connector_metadata.plans, kv_connector_metadata.drop)
+        STATE.apply(kv_connector_metadata.plans, kv_connector_metadata.drop,
+                    kv_connector_metadata.targets)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         STATE.finish_step()
@@ -241,11 +259,11 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
             return
         plan = RequestPlan(config, request.num_prompt_tokens, image_spans(request),
                            video_spans=media_spans(request, "video"))
-        self._requests[request.request_id] = _SchedRequest(plan)
-        # Its blocks will be rewritten in place: never share them through prefix caching.
-        request.cache_salt = f"lookm:{uuid.uuid4().hex}"
-        request.block_hashes = []
-        request.update_block_hashes()
+        self._requests[request.request_id] = _SchedRequest(plan, request=request)
+        if self._prefix_caching:
+            # Reads the cached prompt blocks its scoring does not recompute; every later block
+            # gets a private hash (prefix_cache.py).
+            rechain_hashes(request, hit_cap(plan, self._block_size), f"lookm:{uuid.uuid4().hex}")
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         meta = LookMMetadata(drop=self._drop)
@@ -256,12 +274,62 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
                 state.plan = replace(state.plan, epoch=state.plan.epoch + 1)
                 state.sent = False
                 meta.drop.append(req_id)
-        for req_id in scheduler_output.num_scheduled_tokens:
+                self._release_private(state)
+                state.targets_sent, state.skipped = False, None
+                if self._prefix_caching:  # never hit its own blocks of the earlier run
+                    rechain_hashes(state.request, hit_cap(state.plan, self._block_size),
+                                   f"lookm:{uuid.uuid4().hex}")
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             state = self._requests.get(req_id)
-            if state is not None and not state.sent:
+            if state is None:
+                continue
+            if not state.sent:
                 meta.plans[req_id] = state.plan.to_dict()
                 state.sent = True
+                # before _update_after_schedule: the tokens its prefill starts from (cache hit)
+                state.reused_tokens = state.request.num_computed_tokens
+            start = state.request.num_computed_tokens
+            if (self._prefix_caching and not state.targets_sent
+                    and start < state.plan.prompt_len <= start + num_tokens):
+                meta.targets[req_id] = {"epoch": state.plan.epoch,
+                                        "blocks": self._allocate_private(state)}
+                state.targets_sent = True
         return meta
+
+    def _allocate_private(self, state: _SchedRequest) -> list[int] | None:
+        """Private blocks for the compacted prompt (the live full prompt blocks), taken when
+        the prompt's last chunk is scheduled; None when the pool cannot give them."""
+        holes = num_holes(state.plan, self._block_size)
+        if holes == 0:
+            return []
+        needed = state.plan.prompt_len // self._block_size - holes
+        pool = self._kv_cache_manager.block_pool
+        if needed > pool.get_num_free_blocks():
+            state.skipped = "no free blocks for the compacted copy"
+            return None
+        state.private = pool.get_new_blocks(needed) if needed else []
+        return [block.block_id for block in state.private]
+
+    def _release_private(self, state: _SchedRequest) -> None:
+        """Free private blocks not yet handed to the request (finished or preempted first)."""
+        if state.private:
+            self._kv_cache_manager.block_pool.free_blocks(reversed(state.private))
+        state.private = None
+
+    def _adopt_private(self, req_id: str, state: _SchedRequest, holes: list[int]) -> None:
+        """The workers wrote the compacted prompt to the private blocks: they replace the live
+        full prompt blocks in the request's block list; the originals go back to the pool (they
+        keep their hashes, so the prefix cache still serves their exact KV)."""
+        manager = self._kv_cache_manager.coordinator.single_type_managers[0]
+        blocks = manager.req_to_blocks[req_id]
+        num_full = state.plan.prompt_len // self._block_size
+        live = sorted(set(range(num_full)) - set(holes))
+        originals = []
+        for column, block in zip(live, state.private, strict=True):
+            originals.append(blocks[column])
+            blocks[column] = block
+        state.private = None
+        self._kv_cache_manager.block_pool.free_blocks(reversed(originals))
 
     def update_connector_output(self, connector_output) -> None:
         worker_meta = connector_output.kv_connector_worker_meta
@@ -273,13 +341,19 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
                 continue  # finished or preempted since: its blocks went back whole
             if "holes" in result:
                 free_before = self._kv_cache_manager.block_pool.get_num_free_blocks()
+                if state.private is not None:
+                    if result["holes"]:
+                        self._adopt_private(req_id, state, result["holes"])
+                    else:
+                        self._release_private(state)
                 self._free_holes(req_id, result["holes"])
                 free_after = self._kv_cache_manager.block_pool.get_num_free_blocks()
                 state.stats = _stats(
                     state.plan, compressed=True, prompt_tokens=result["prompt_tokens"],
                     kv_tokens_kept=result["kv_tokens_kept"],
                     kv_blocks_freed=len(result["holes"]),
-                    pool_free_blocks_before=free_before, pool_free_blocks_after=free_after)
+                    pool_free_blocks_before=free_before, pool_free_blocks_after=free_after,
+                    prefix_reused_tokens=state.reused_tokens)
             if state.stats is not None:
                 # Device timings arrive with the holes on the CPU, on CUDA once the events
                 # completed (usually a step later); ranks may report in different steps: keep
@@ -306,11 +380,15 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
         if state is None:
             return False, None
         self._drop.append(request.request_id)
+        self._release_private(state)
         # Finished before its compression was reported (e.g. max_tokens=1): nothing was freed.
         plan = state.plan
         stats = state.stats or _stats(
             plan, compressed=False, prompt_tokens=plan.prompt_len,
-            kv_tokens_kept=plan.prompt_len, kv_blocks_freed=0)
+            kv_tokens_kept=plan.prompt_len, kv_blocks_freed=0,
+            prefix_reused_tokens=state.reused_tokens)
+        if state.skipped:
+            stats = replace(stats, compressed=False, skipped=state.skipped)
         return False, {STATS_KEY: stats.to_dict()}
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:

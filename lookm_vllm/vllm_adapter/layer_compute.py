@@ -19,7 +19,14 @@ from torch import Tensor
 
 from lookm_vllm.core import AttentionAccumulator
 
-from .compaction import HoleMap, compact_prompt, gather_keys, gather_prompt, read_slots
+from .compaction import (
+    Compaction,
+    HoleMap,
+    compact_prompt,
+    gather_keys,
+    gather_prompt,
+    read_slots,
+)
 from .kv_layout import KVCodec, PlainCodec
 from .plan import RequestPlan
 
@@ -79,6 +86,12 @@ class WorkerRequest:
     compression: DeviceTimer = field(default_factory=DeviceTimer)
     reported: bool = False                  # holes sent to the scheduler
     timings_reported: bool = False
+    # Prefix caching: private blocks for the live full prompt blocks (the originals may be
+    # shared or hashed and are never written); ``skip``: the pool had none to give, so the
+    # request is not compressed. ``row``: the block row the compacted prompt is read through.
+    targets: list[int] | None = None
+    skip: bool = False
+    row: Tensor | None = None
 
     @property
     def compressed(self) -> bool:
@@ -147,16 +160,21 @@ def _compress_layer(req_id: str, req: WorkerRequest, layer_name: str, key_cache:
     dump_dir = os.environ.get(DUMP_ENV)
     if dump_dir:  # before the cache is rewritten
         before = gather_prompt(key_cache, value_cache, block_row, req.plan.prompt_len)
-    with req.compression.interval(key_cache.device):
-        result = compact_prompt(key_cache, value_cache, block_row, req.plan, scores,
-                                stored_keys=stored_keys, codec=codec)
+    if req.skip:  # nothing to write to: left uncompressed
+        result = Compaction(holes=[], num_kept=req.plan.prompt_len)
+    else:
+        with req.compression.interval(key_cache.device):
+            result = compact_prompt(key_cache, value_cache, block_row, req.plan, scores,
+                                    stored_keys=stored_keys, codec=codec, targets=req.targets)
     if dump_dir and result.slots is not None:
-        after = read_slots(key_cache, value_cache, block_row, result.slots)
+        after = read_slots(key_cache, value_cache, result.row, result.slots)
         _dump(Path(dump_dir) / req_id / f"epoch{req.plan.epoch}", layer_name, before, after,
               scores, result, codec)
     if req.holes is None:
         req.holes, req.num_kept = result.holes, result.num_kept
-        req.hole_map = HoleMap.from_holes(result.holes)
+        req.row = result.row
+        req.hole_map = HoleMap.from_holes(
+            result.holes, req.targets if result.holes and req.targets is not None else None)
     elif req.holes != result.holes:  # the plan is score-independent: this cannot differ
         raise RuntimeError(f"layer {layer_name} freed blocks {result.holes}, "
                            f"earlier layers {req.holes}")
@@ -179,8 +197,8 @@ def _attend_past_prompt(req: WorkerRequest, item: RowWork, query: Tensor, output
     block_size = key_cache.shape[2]
     live = torch.from_numpy(req.hole_map.live_columns(-(-total // block_size)))
     length = total - len(req.holes) * block_size
-    keys, values = gather_prompt(key_cache, value_cache,
-                                 block_row[live.to(block_row.device)], length)
+    row = block_row if req.row is None else req.row
+    keys, values = gather_prompt(key_cache, value_cache, row[live.to(row.device)], length)
     first = item.token_start + prompt_len - item.position_start
     q = query[first:first + num].float().transpose(0, 1)                # [Hq, n, d]
     keys, values = codec.decode(keys, "key").float(), codec.decode(values, "value").float()

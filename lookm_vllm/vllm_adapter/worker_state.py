@@ -33,7 +33,8 @@ class WorkerState:
     active: bool = False
 
     # --- connector metadata --------------------------------------------------------------
-    def apply(self, plans: dict[str, dict], drop: list[str]) -> None:
+    def apply(self, plans: dict[str, dict], drop: list[str],
+              targets: dict[str, dict] | None = None) -> None:
         for req_id in drop:
             self.requests.pop(req_id, None)
             self.results.pop(req_id, None)
@@ -42,6 +43,13 @@ class WorkerState:
             current = self.requests.get(req_id)
             if current is None or current.plan.epoch != plan.epoch:
                 self.requests[req_id] = WorkerRequest(plan)
+        # Prefix caching: where this step's compaction writes (sent with the prompt's last
+        # chunk): private blocks, or None when the pool had none (the request stays whole).
+        for req_id, data in (targets or {}).items():
+            req = self.requests.get(req_id)
+            if req is not None and req.plan.epoch == data["epoch"]:
+                req.targets = data["blocks"]
+                req.skip = data["blocks"] is None
 
     def take_results(self) -> dict[str, dict]:
         results, self.results = self.results, {}

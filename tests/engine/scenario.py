@@ -8,7 +8,8 @@ in its own process: ``python -m tests.engine.scenario SPEC.json OUT.json``. The 
      "flash_on_cpu": false (serve attention through the FLASH_ATTN wrappers, engine/flash_on_cpu),
      "engine": {...vllm_engine_kwargs overrides...}, "env": {...},
      "batches": [[{"images": [first, count], "videos": [[photo, frames], ...] (after the images),
-                   "question": str, "max_tokens": 16,
+                   "question": str, "suffix": str (appended to the prompt),
+                   "max_tokens": 16,
                    "kv_compression": {...} | null, "n": 1, "temperature": 0.0,
                    "seed": null}, ...], ...]}
 
@@ -44,7 +45,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     from lookm_vllm.demo.images import test_images
     from lookm_vllm.demo.tiny_models import chat_prompt, vllm_engine_kwargs
-    from lookm_vllm.demo.videos import test_video
+    from lookm_vllm.demo.videos import test_video, video_metadata
     from lookm_vllm.vllm_adapter.options import engine_kwargs
 
     path = build_model(spec)
@@ -68,9 +69,10 @@ def main(spec_path: str, out_path: str) -> None:
             videos = [test_video(index, frames) for index, frames in req.get("videos", ())]
             prompt = chat_prompt(path, req.get("question", "What is in these pictures?"), count,
                                  num_videos=len(videos))
+            prompt += req.get("suffix", "")   # e.g. an answer and a next user turn
             media = {"image": photos[first:first + count]} if count else {}
             if videos:
-                media["video"] = videos
+                media["video"] = [(frames, video_metadata(frames)) for frames in videos]
             prompts.append({"prompt": prompt, "multi_modal_data": media})
             extra = ({"kv_compression": req["kv_compression"]}
                      if req.get("kv_compression") is not None else None)
@@ -79,7 +81,8 @@ def main(spec_path: str, out_path: str) -> None:
                                          max_tokens=req.get("max_tokens", 16),
                                          ignore_eos=True, extra_args=extra))
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        results.append([{"token_ids": list(o.outputs[0].token_ids),
+        results.append([{"request_id": o.request_id,
+                         "token_ids": list(o.outputs[0].token_ids),
                          "all_token_ids": [list(c.token_ids) for c in o.outputs],
                          "prompt_token_ids": list(o.prompt_token_ids),
                          "kv_transfer_params": o.kv_transfer_params} for o in outputs])

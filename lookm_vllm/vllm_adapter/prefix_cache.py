@@ -1,0 +1,90 @@
+"""Scheduler side of prefix caching for compressed requests (docs/engine.md, "Prefix caching
+with compressed requests").
+
+A compressed request may READ the prefix cache for the prompt blocks its scoring does not need
+to recompute, and never modifies a block that is shared or hashed:
+
+* :func:`hit_cap` - the full blocks it may hit: those wholly before its scoring queries;
+* :func:`rechain_hashes` - its block hashes keep vLLM's ordinary chain below that cap and are
+  salted (per request and epoch) from it on, so later blocks neither hit nor can be hit;
+* :func:`num_holes` - how many prompt blocks compression frees (a function of the plan only),
+  so the scheduler can allocate the private blocks the compacted prompt is written to.
+
+vLLM names used here (contract tests in tests/test_vllm_contract.py::test_prefix_cache_names):
+``Request._block_hasher`` / ``block_hashes`` / ``update_block_hashes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from lookm_vllm.core import selector_for
+from lookm_vllm.core.selection import select_kept
+
+from .plan import RequestPlan
+
+SALTED_ATTR = "lookm_unsalted"
+
+
+def hit_cap(plan: RequestPlan, block_size: int) -> int:
+    """Full blocks a compressed request may read from the prefix cache: those ending at or
+    before its first scoring query (and before its last prompt token, so the prompt's end is
+    always computed and compressed in this run)."""
+    return max(0, plan.prompt_len - max(plan.num_scoring_queries, 1)) // block_size
+
+
+def num_holes(plan: RequestPlan, block_size: int) -> int:
+    """Prompt blocks compression will free. The kept count depends on the layout, the config
+    and the block size only (``core.selection``), so it is computed here without scores, exactly
+    as every layer and rank computes it."""
+    evictable = plan.evictable_blocks(block_size)
+    if not evictable:
+        return 0
+    length = plan.prompt_len
+    selection = select_kept(selector_for(plan.config), torch.zeros(1, length), plan.is_image(),
+                            plan.config, 1, plan.evictable_mask(block_size), block_size)
+    return len(evictable) - selection.num_kept_evictable // block_size
+
+
+def _salted(block_hash: Any, salt: bytes) -> Any:
+    raw = bytes(block_hash)
+    return type(block_hash)(hashlib.blake2b(salt + raw, digest_size=min(len(raw), 64))
+                            .digest())
+
+
+def rechain_hashes(request: Any, cap: int, salt: str) -> None:
+    """Keep ``request``'s ordinary block hashes below block ``cap``; salt the hash of block
+    ``cap`` (every later one chains from it). Recomputes the hashes from ``cap`` on now and wraps
+    the request's hasher, which vLLM calls whenever more blocks fill up. Calling it again (after
+    a preemption) re-salts from ``cap``."""
+    hasher = request._block_hasher
+    if hasher is None:   # prefix caching off: no hashes at all
+        return
+    base = getattr(hasher, SALTED_ATTR, hasher)
+    salt_bytes = salt.encode()
+
+    def chained(req: Any) -> list:
+        start = len(req.block_hashes)
+        new_hashes: list = []
+        try:   # base hashes the blocks after req.block_hashes: extend it while looping
+            while True:
+                batch = base(req)
+                if not batch:
+                    break
+                first = len(req.block_hashes)
+                if first <= cap < first + len(batch):
+                    batch = batch[:cap - first + 1]
+                    batch[-1] = _salted(batch[-1], salt_bytes)
+                req.block_hashes.extend(batch)
+                new_hashes.extend(batch)
+        finally:
+            del req.block_hashes[start:]
+        return new_hashes
+
+    setattr(chained, SALTED_ATTR, base)
+    request._block_hasher = chained
+    del request.block_hashes[cap:]
+    request.update_block_hashes()
