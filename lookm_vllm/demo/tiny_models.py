@@ -61,6 +61,7 @@ __all__ = [
     "LLAVA_CHAT_TEMPLATE",
     "QWEN2VL_CHAT_TEMPLATE",
     "build_tiny_llava",
+    "build_tiny_qwen2_5vl",
     "build_tiny_qwen2vl",
     "build_tokenizer",
     "cache_root",
@@ -568,6 +569,104 @@ def build_tiny_llava(
 _QWEN_MEAN, _QWEN_STD = _CLIP_MEAN, _CLIP_STD
 
 
+def _qwen_params(num_layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
+                 vision_depth, vision_embed_dim, vision_heads, min_pixels, max_pixels, vocab_size,
+                 max_position_embeddings, seed, matrix_gain, embed_std, lm_head_gain, qk_gain
+                 ) -> dict[str, Any]:
+    params = dict(locals())  # the build parameters, in the cache key
+    if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 8:
+        raise ValueError("hidden_size/num_heads must be a multiple of 8 and divide evenly")
+    return params
+
+
+def _write_qwen_vl(family: str, p: dict[str, Any], out: Path) -> None:
+    """Write a tiny Qwen2-VL (``family="qwen2vl"``) or Qwen2.5-VL (``"qwen2_5vl"``) model."""
+    import transformers
+
+    names = {"qwen2vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+             "qwen2_5vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration",
+                           "Qwen2_5_VLProcessor")}[family]
+    config_cls, model_cls, processor_cls = (getattr(transformers, n) for n in names)
+    hidden_size, num_heads = p["hidden_size"], p["num_heads"]
+    half = hidden_size // num_heads // 2
+    t_sec = half // 4
+    h_sec = (half - t_sec) // 2
+    mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
+    tok = build_tokenizer(
+        QWEN2VL_SPECIAL_TOKENS,
+        vocab_size=p["vocab_size"],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+    vision = {
+        "depth": p["vision_depth"],
+        "num_heads": p["vision_heads"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    if family == "qwen2vl":
+        vision |= {"embed_dim": p["vision_embed_dim"], "hidden_size": hidden_size,
+                   "mlp_ratio": 2}
+    else:  # Qwen2.5-VL: windowed attention in every block but the last, SwiGLU MLP
+        vision |= {"hidden_size": p["vision_embed_dim"], "out_hidden_size": hidden_size,
+                   "intermediate_size": 2 * p["vision_embed_dim"], "hidden_act": "silu",
+                   "window_size": p["window_size"],
+                   "fullatt_block_indexes": [p["vision_depth"] - 1],
+                   "tokens_per_second": p["tokens_per_second"]}
+    config = config_cls(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden_size,
+            "intermediate_size": p["intermediate_size"],
+            "num_hidden_layers": p["num_layers"],
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": p["num_kv_heads"],
+            "max_position_embeddings": p["max_position_embeddings"],
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": mrope_section,
+            },
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "max_window_layers": p["num_layers"],
+            "use_sliding_window": False,
+        },
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = _instantiate(
+        model_cls, config, p["seed"], tok.all_special_ids,
+        (ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]),
+        matrix_gain=p["matrix_gain"], embed_std=p["embed_std"],
+        lm_head_gain=p["lm_head_gain"], qk_gain=p["qk_gain"],
+    )
+    _save_model(model, out)
+
+    # images and videos share one pixel pipeline
+    pixels = {"min_pixels": p["min_pixels"], "max_pixels": p["max_pixels"], "patch_size": 14,
+              "temporal_patch_size": 2, "merge_size": 2, "image_mean": _QWEN_MEAN,
+              "image_std": _QWEN_STD}
+    processor = processor_cls(
+        image_processor=transformers.Qwen2VLImageProcessor(**pixels),
+        tokenizer=tok,
+        video_processor=transformers.Qwen2VLVideoProcessor(**pixels),
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def build_tiny_qwen2vl(
     *,
     num_layers: int = 4,
@@ -594,112 +693,55 @@ def build_tiny_qwen2vl(
 
     One LM token per 28x28 pixels of the resized image (14-px patches, 2x2 merge), the resized
     area clamped to [min_pixels, max_pixels]: a 224x224 image gives 64 tokens, a 512x512 one 144.
+    A video gives the same per frame pair (temporal patch 2): 4 frames of 224x224 -> 128 tokens.
     M-RoPE sections are scaled to the head size (head_dim/2 split 1:1.5:1.5 as in Qwen2-VL).
     """
-    head_dim = hidden_size // num_heads
-    if hidden_size % num_heads or num_heads % num_kv_heads or head_dim % 8:
-        raise ValueError("hidden_size/num_heads must be a multiple of 8 and divide evenly")
-    half = head_dim // 2
-    t_sec = half // 4
-    h_sec = (half - t_sec) // 2
-    mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
-    params = {
-        "num_layers": num_layers,
-        "hidden_size": hidden_size,
-        "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads,
-        "intermediate_size": intermediate_size,
-        "vision_depth": vision_depth,
-        "vision_embed_dim": vision_embed_dim,
-        "vision_heads": vision_heads,
-        "min_pixels": min_pixels,
-        "max_pixels": max_pixels,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": max_position_embeddings,
-        "seed": seed,
-        "matrix_gain": matrix_gain,
-        "embed_std": embed_std,
-        "lm_head_gain": lm_head_gain,
-        "qk_gain": qk_gain,
-    }
+    params = _qwen_params(num_layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
+                          vision_depth, vision_embed_dim, vision_heads, min_pixels, max_pixels,
+                          vocab_size, max_position_embeddings, seed, matrix_gain, embed_std,
+                          lm_head_gain, qk_gain)
+    return _cached_build("qwen2vl", params, functools.partial(_write_qwen_vl, "qwen2vl", params),
+                         cache_dir, force)
 
-    def build(out: Path) -> None:
-        from transformers import (
-            Qwen2VLConfig,
-            Qwen2VLForConditionalGeneration,
-            Qwen2VLImageProcessor,
-            Qwen2VLProcessor,
-            Qwen2VLVideoProcessor,
-        )
 
-        tok = build_tokenizer(
-            QWEN2VL_SPECIAL_TOKENS,
-            vocab_size=vocab_size,
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
-            chat_template=QWEN2VL_CHAT_TEMPLATE,
-        )
-        ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
-        config = Qwen2VLConfig(
-            text_config={
-                "vocab_size": len(tok),
-                "hidden_size": hidden_size,
-                "intermediate_size": intermediate_size,
-                "num_hidden_layers": num_layers,
-                "num_attention_heads": num_heads,
-                "num_key_value_heads": num_kv_heads,
-                "max_position_embeddings": max_position_embeddings,
-                "rms_norm_eps": 1e-6,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "rope_theta": 1000000.0,
-                    "mrope_section": mrope_section,
-                },
-                "bos_token_id": ids["<|endoftext|>"],
-                "eos_token_id": ids["<|im_end|>"],
-                "pad_token_id": ids["<|endoftext|>"],
-                "max_window_layers": num_layers,
-                "use_sliding_window": False,
-            },
-            vision_config={
-                "depth": vision_depth,
-                "embed_dim": vision_embed_dim,
-                "hidden_size": hidden_size,
-                "num_heads": vision_heads,
-                "mlp_ratio": 2,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "in_channels": 3,
-            },
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            tie_word_embeddings=False,
-        )
-        model = _instantiate(
-            Qwen2VLForConditionalGeneration, config, seed, tok.all_special_ids,
-            (ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]),
-            matrix_gain=matrix_gain, embed_std=embed_std, lm_head_gain=lm_head_gain,
-            qk_gain=qk_gain,
-        )
-        _save_model(model, out)
+def build_tiny_qwen2_5vl(
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
+    vision_depth: int = 2,
+    vision_embed_dim: int = 64,
+    vision_heads: int = 2,
+    window_size: int = 56,
+    tokens_per_second: int = 2,
+    min_pixels: int = 28 * 28 * 16,
+    max_pixels: int = 28 * 28 * 160,
+    vocab_size: int = _DEFAULT_VOCAB_SIZE,
+    max_position_embeddings: int = 32768,
+    seed: int = 0,
+    matrix_gain: float = 1.5,
+    embed_std: float = 1.0,
+    lm_head_gain: float = 1.0,
+    qk_gain: float = 2.0,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """Build (or reuse from the cache) a tiny Qwen2.5-VL-style model; returns its directory.
 
-        # images and (unused, but required by transformers 5) videos share one pixel pipeline
-        pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14,
-                  "temporal_patch_size": 2, "merge_size": 2, "image_mean": _QWEN_MEAN,
-                  "image_std": _QWEN_STD}
-        processor = Qwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessor(**pixels),
-            tokenizer=tok,
-            video_processor=Qwen2VLVideoProcessor(**pixels),
-            chat_template=QWEN2VL_CHAT_TEMPLATE,
-        )
-        processor.save_pretrained(out)
-        tok.save_pretrained(out)
-
-    return _cached_build("qwen2vl", params, build, cache_dir, force)
+    As :func:`build_tiny_qwen2vl` (same tokenizer, template, pixel pipeline and LM), with
+    Qwen2.5-VL's vision tower: windowed attention (``window_size`` pixels; the last block
+    attends fully), RMSNorm + SwiGLU blocks, and video M-RoPE whose temporal positions follow
+    time (``tokens_per_second`` x seconds per temporal patch, from the video's fps).
+    """
+    params = _qwen_params(num_layers, hidden_size, num_heads, num_kv_heads, intermediate_size,
+                          vision_depth, vision_embed_dim, vision_heads, min_pixels, max_pixels,
+                          vocab_size, max_position_embeddings, seed, matrix_gain, embed_std,
+                          lm_head_gain, qk_gain)
+    params |= {"window_size": window_size, "tokens_per_second": tokens_per_second}
+    return _cached_build("qwen2_5vl", params,
+                         functools.partial(_write_qwen_vl, "qwen2_5vl", params), cache_dir, force)
 
 
 # ---------------------------------------------------------------------------------------------

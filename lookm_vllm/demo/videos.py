@@ -22,7 +22,11 @@ import numpy as np
 
 from .images import image_to_bytes, test_images
 
-__all__ = ["test_video", "video_to_data_url", "video_to_mp4"]
+__all__ = ["TEST_VIDEO_FPS", "test_video", "video_metadata", "video_to_data_url", "video_to_mp4"]
+
+# The frame rate the test videos are said to have (vLLM's Qwen2.5-VL requires metadata with
+# every video; its M-RoPE temporal positions follow time, so both engines must see the same).
+TEST_VIDEO_FPS = 2.0
 
 
 def test_video(index: int = 0, num_frames: int = 4, size: int = 224) -> np.ndarray:
@@ -46,7 +50,17 @@ def test_video(index: int = 0, num_frames: int = 4, size: int = 224) -> np.ndarr
 test_video.__test__ = False  # type: ignore[attr-defined]
 
 
-def video_to_mp4(frames: np.ndarray, fps: float = 2.0) -> bytes:
+def video_metadata(frames: np.ndarray, fps: float = TEST_VIDEO_FPS) -> dict:
+    """vLLM's metadata for all frames of a clip at ``fps`` (what its video loaders return; pass
+    ``(frames, metadata)`` in ``multi_modal_data["video"]``, and ``video_metadata=[metadata]``
+    with ``do_sample_frames=False`` to a transformers processor)."""
+    count = int(frames.shape[0])
+    return {"fps": fps, "duration": count / fps, "total_num_frames": count,
+            "frames_indices": list(range(count)), "video_backend": "opencv",
+            "do_sample_frames": False}
+
+
+def video_to_mp4(frames: np.ndarray, fps: float = TEST_VIDEO_FPS) -> bytes:
     """Encode RGB frames as an MP4 file (OpenCV's ``mp4v`` codec)."""
     import cv2
 
@@ -66,7 +80,7 @@ def video_to_mp4(frames: np.ndarray, fps: float = 2.0) -> bytes:
         os.unlink(path)
 
 
-def video_to_data_url(frames: np.ndarray, fmt: str = "mp4", fps: float = 2.0) -> str:
+def video_to_data_url(frames: np.ndarray, fmt: str = "mp4", fps: float = TEST_VIDEO_FPS) -> str:
     """A ``video_url`` data URL: ``fmt="mp4"`` (an encoded file) or ``"jpeg"`` (vLLM's
     comma-separated JPEG frame sequence)."""
     if fmt == "mp4":

@@ -35,8 +35,12 @@ def load(path: str):
 def prefill(path: str, prompt: str, images, videos=None) -> HFPrefill:
     model, processor = load(path)
     media = {"images": images or None}
-    if videos:
-        media["videos"] = videos
+    if videos:  # all frames, at the frame rate the engine was told (video M-RoPE follows time)
+        from lookm_vllm.demo.videos import video_metadata
+
+        fields = ("fps", "duration", "total_num_frames", "frames_indices", "video_backend")
+        media |= {"videos": videos, "do_sample_frames": False,
+                  "video_metadata": [{k: video_metadata(v)[k] for k in fields} for v in videos]}
     inputs = processor(text=prompt, **media, return_tensors="pt")
     out = model(**inputs, use_cache=True, output_attentions=True)
     cache = out.past_key_values
