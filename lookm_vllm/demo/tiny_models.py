@@ -61,6 +61,7 @@ __all__ = [
     "LLAVA_CHAT_TEMPLATE",
     "QWEN2VL_CHAT_TEMPLATE",
     "build_tiny_llava",
+    "build_tiny_llava_next",
     "build_tiny_qwen2_5vl",
     "build_tiny_qwen2vl",
     "build_tokenizer",
@@ -413,6 +414,101 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def _write_llava(family: str, p: dict[str, Any], out: Path) -> None:
+    """Write a tiny LLaVA-1.5 (``family="llava"``) or LLaVA-NeXT (``"llava_next"``) model."""
+    import transformers
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
+
+    next_ = family == "llava_next"
+    image_size = math.isqrt(p["image_tokens"]) * p["patch_size"]
+    tok = build_tokenizer(
+        LLAVA_SPECIAL_TOKENS,
+        vocab_size=p["vocab_size"],
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        extra_attributes={"image_token": "<image>"},
+    )
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=p["vision_hidden_size"],
+        intermediate_size=4 * p["vision_hidden_size"],
+        num_hidden_layers=p["vision_layers"],
+        num_attention_heads=p["vision_heads"],
+        image_size=image_size,
+        patch_size=p["patch_size"],
+        projection_dim=p["vision_hidden_size"],
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=p["hidden_size"],
+        intermediate_size=p["intermediate_size"],
+        num_hidden_layers=p["num_layers"],
+        num_attention_heads=p["num_heads"],
+        num_key_value_heads=p["num_kv_heads"],
+        head_dim=p["hidden_size"] // p["num_heads"],
+        max_position_embeddings=p["max_position_embeddings"],
+        rms_norm_eps=1e-6,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config_cls = transformers.LlavaNextConfig if next_ else transformers.LlavaConfig
+    anyres = {"image_grid_pinpoints": p["image_grid_pinpoints"]} if next_ else {}
+    config = config_cls(
+        **anyres,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        image_seq_length=p["image_tokens"],
+        tie_word_embeddings=False,
+    )
+    model = _instantiate(
+        (transformers.LlavaNextForConditionalGeneration if next_
+         else transformers.LlavaForConditionalGeneration), config, p["seed"], tok.all_special_ids,
+        (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id),
+        matrix_gain=p["matrix_gain"], embed_std=p["embed_std"], lm_head_gain=p["lm_head_gain"],
+        qk_gain=p["qk_gain"],
+    )
+    # transformers 5's save_pretrained writes the legacy LLaVA layout (language_model.model.*,
+    # language_model.lm_head.*, multi_modal_projector.*) but the CLIP tower as
+    # ``vision_tower.<...>``; vLLM 0.32's loader wants ``vision_tower.vision_model.<...>`` (the
+    # layout of the llava-hf checkpoints). transformers' conversion mapping strips that
+    # ``vision_model`` prefix again when loading, so the renamed file loads in both.
+    _save_model(model, out, rename=_LLAVA_RENAME)
+
+    image_processor = (transformers.LlavaNextImageProcessor if next_ else CLIPImageProcessor)(
+        **anyres,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_resize=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=_CLIP_MEAN,
+        image_std=_CLIP_STD,
+    )
+    processor = (transformers.LlavaNextProcessor if next_ else transformers.LlavaProcessor)(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=p["patch_size"],
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+
 def build_tiny_llava(
     image_tokens: int = 144,
     *,
@@ -466,99 +562,37 @@ def build_tiny_llava(
         "qk_gain": qk_gain,
     }
 
-    def build(out: Path) -> None:
-        from transformers import (
-            CLIPImageProcessor,
-            CLIPVisionConfig,
-            LlamaConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-            LlavaProcessor,
-        )
+    return _cached_build("llava", params,
+                         functools.partial(_write_llava, "llava", params), cache_dir, force)
 
-        image_size = side * patch_size
-        tok = build_tokenizer(
-            LLAVA_SPECIAL_TOKENS,
-            vocab_size=vocab_size,
-            bos_token="<s>",
-            eos_token="</s>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            chat_template=LLAVA_CHAT_TEMPLATE,
-            extra_attributes={"image_token": "<image>"},
-        )
-        image_token_id = tok.convert_tokens_to_ids("<image>")
-        vision = CLIPVisionConfig(
-            hidden_size=vision_hidden_size,
-            intermediate_size=4 * vision_hidden_size,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads,
-            image_size=image_size,
-            patch_size=patch_size,
-            projection_dim=vision_hidden_size,
-            hidden_act="quick_gelu",
-        )
-        text = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            head_dim=hidden_size // num_heads,
-            max_position_embeddings=max_position_embeddings,
-            rms_norm_eps=1e-6,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        config = LlavaConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_index=image_token_id,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-            projector_hidden_act="gelu",
-            image_seq_length=image_tokens,
-            tie_word_embeddings=False,
-        )
-        model = _instantiate(
-            LlavaForConditionalGeneration, config, seed, tok.all_special_ids,
-            (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id),
-            matrix_gain=matrix_gain, embed_std=embed_std, lm_head_gain=lm_head_gain,
-            qk_gain=qk_gain,
-        )
-        # transformers 5's save_pretrained writes the legacy LLaVA layout (language_model.model.*,
-        # language_model.lm_head.*, multi_modal_projector.*) but the CLIP tower as
-        # ``vision_tower.<...>``; vLLM 0.32's loader wants ``vision_tower.vision_model.<...>`` (the
-        # layout of the llava-hf checkpoints). transformers' conversion mapping strips that
-        # ``vision_model`` prefix again when loading, so the renamed file loads in both.
-        _save_model(model, out, rename=_LLAVA_RENAME)
 
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            do_center_crop=True,
-            do_resize=True,
-            do_normalize=True,
-            do_convert_rgb=True,
-            image_mean=_CLIP_MEAN,
-            image_std=_CLIP_STD,
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            chat_template=LLAVA_CHAT_TEMPLATE,
-            image_token="<image>",
-            num_additional_image_tokens=1,
-        )
-        processor.save_pretrained(out)
-        tok.save_pretrained(out)
+def build_tiny_llava_next(
+    image_tokens: int = 64,
+    *,
+    image_grid_pinpoints: Sequence[Sequence[int]] = ((112, 224), (224, 112), (224, 224)),
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    **kwargs: Any,
+) -> Path:
+    """Build (or reuse from the cache) a tiny LLaVA-NeXT-style model (anyres); returns its
+    directory.
 
-    return _cached_build("llava", params, build, cache_dir, force)
+    The tower and LM of :func:`build_tiny_llava` (``kwargs`` as there), with LLaVA-NeXT's anyres
+    image handling (``LlavaNextForConditionalGeneration``): each image is resized to the best of
+    ``image_grid_pinpoints``, cut into base-size tiles, and becomes ``image_tokens`` tokens of the
+    whole image plus the tiles' tokens, one learned ``image_newline`` embedding closing every row
+    of tile features (all at image-placeholder positions: vLLM and transformers put the newline
+    embeddings among the image features).
+    """
+    base = build_tiny_llava.__kwdefaults__ | kwargs | {"cache_dir": None, "force": False}
+    side = math.isqrt(image_tokens)
+    if image_tokens <= 0 or side * side != image_tokens:
+        raise ValueError(f"image_tokens must be a positive perfect square, got {image_tokens}")
+    params = {"image_tokens": image_tokens,
+              **{k: v for k, v in base.items() if k not in ("cache_dir", "force")},
+              "image_grid_pinpoints": [list(map(int, p)) for p in image_grid_pinpoints]}
+    return _cached_build("llava_next", params,
+                         functools.partial(_write_llava, "llava_next", params), cache_dir, force)
 
 
 # ---------------------------------------------------------------------------------------------
