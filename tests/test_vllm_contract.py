@@ -150,6 +150,12 @@ def test_placeholder_range_and_feature_fields():
     assert {"offset", "length", "is_embed"} <= pr
     spec = {f.name for f in dataclasses.fields(MultiModalFeatureSpec)}
     assert {"modality", "mm_position"} <= spec
+    # connector.media_spans reads features by these modality names
+    import numpy as np
+    from vllm.multimodal.parse import ImageProcessorItems, VideoProcessorItems
+
+    assert ImageProcessorItems([np.zeros((4, 4, 3))]).modality == "image"
+    assert VideoProcessorItems([np.zeros((2, 4, 4, 3))]).modality == "video"
 
 
 def test_flash_attention_layout_assumption():
