@@ -243,7 +243,7 @@ def over_budget(args, what: str, record: dict) -> bool:
     return False
 
 
-def install_config_stub() -> None:
+def install_config_stub() -> type:
     """Stand in for ``lookm_vllm.core.config`` where pydantic is missing (the bare GPU image has
     torch and Triton but no pydantic). The benchmark builds configs with explicit method and
     merge only, so a frozen dataclass with the paper's defaults (budget 0.2 = alpha1 + alpha2,
@@ -256,7 +256,8 @@ def install_config_stub() -> None:
     @dataclasses.dataclass(frozen=True)
     class CompressionConfig:
         method: str = "lookm"
-        budget: float = 0.2
+        budget: float | None = 0.2
+        max_kv_tokens: int | None = None
         recent_ratio: float = 0.1
         merge: str | None = None
         merge_scope: str = "all"
@@ -266,6 +267,8 @@ def install_config_stub() -> None:
         sink_tokens: int = 4
 
         def __post_init__(self):
+            if self.max_kv_tokens is not None:
+                object.__setattr__(self, "budget", None)
             if self.merge is None:
                 object.__setattr__(self, "merge", "pivotal" if self.method == "lookm" else "none")
             if self.scoring is None:
@@ -284,7 +287,7 @@ def install_config_stub() -> None:
 
         @property
         def is_active(self):
-            return self.method != "none" and self.budget < 1.0
+            return self.method != "none" and (self.max_kv_tokens is not None or self.budget < 1.0)
 
         @property
         def needs_attention(self):
@@ -295,6 +298,7 @@ def install_config_stub() -> None:
     module.ATTENTION_METHODS = attention_methods
     module.__getattr__ = lambda name: object  # type aliases (Method, MergeName, ...) if imported
     sys.modules["lookm_vllm.core.config"] = module
+    return CompressionConfig
 
 
 def import_core() -> str:

@@ -110,3 +110,26 @@ def test_gpu_scoring_benchmark_cpu_smoke(tmp_path):
         for merge in ("pivotal", "average", "weighted"):
             assert section[f"compress_{merge}_torch"]["median_ms"] > 0
             assert section[f"compress_{merge}_triton"]["median_ms"] > 0
+
+
+def test_config_stand_in_matches_the_real_config(monkeypatch):
+    """The bare GPU image's stand-in for ``CompressionConfig`` (benchmarks/gpu_scoring.py) has
+    every field of the real one with the same defaults, so a field added to the config cannot
+    break the one-shot GPU check unnoticed (as ``max_kv_tokens`` once did)."""
+    from benchmarks import gpu_scoring
+    from lookm_vllm.core import CompressionConfig
+
+    # The stand-in registers itself as lookm_vllm.core.config; put the real module back after.
+    name = "lookm_vllm.core.config"
+    monkeypatch.setitem(sys.modules, name, sys.modules[name])
+    stand_in = gpu_scoring.install_config_stub()
+    fields = {field.name for field in dataclasses.fields(stand_in)}
+    assert fields == set(CompressionConfig.model_fields)
+    for method in ("lookm", "h2o", "snapkv", "streaming", "random"):
+        real, fake = CompressionConfig(method=method), stand_in(method=method)
+        assert fake.model_dump() == real.model_dump(), method
+        assert (fake.is_active, fake.needs_attention) == (real.is_active, real.needs_attention)
+    capped_real = CompressionConfig(max_kv_tokens=64)
+    capped_fake = stand_in(max_kv_tokens=64)
+    assert capped_fake.model_dump() == capped_real.model_dump()
+    assert capped_fake.is_active and capped_real.is_active

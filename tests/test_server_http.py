@@ -118,9 +118,13 @@ def expected_deltas(entry: dict) -> dict[str, float]:
             "lookm_compression_seconds_count": 1}
 
 
+# The fields of usage.kv_compression (a subset of the raw stats in kv_transfer_params).
+USAGE_FIELDS = {"method", "budget", "max_kv_tokens", "prompt_tokens", "image_tokens",
+                "video_tokens", "kv_tokens_kept", "kv_blocks_freed"}
+
+
 def check_entry(entry: dict, prompt_tokens: int, method: str = "lookm", budget: float = 0.2):
-    assert set(entry) == {"method", "budget", "max_kv_tokens", "prompt_tokens", "image_tokens",
-                          "video_tokens", "kv_tokens_kept", "kv_blocks_freed"}
+    assert set(entry) == USAGE_FIELDS
     assert (entry["method"], entry["budget"]) == (method, budget)
     assert entry["prompt_tokens"] == prompt_tokens
     assert 0 < entry["kv_tokens_kept"] < prompt_tokens
@@ -141,9 +145,8 @@ def test_stock_vllm_server_with_plugin_option(launched, tiny_llava_path, photo_u
             model=model, messages=messages(photo_urls), max_tokens=4, temperature=0,
             extra_body={"vllm_xargs": {"kv_compression": json.dumps(LOOKM)}})
         body = raw.http_response.json()
-        check_entry({k: body["kv_transfer_params"]["kv_compression"][k]
-                     for k in ("method", "budget", "prompt_tokens", "kv_tokens_kept",
-                               "kv_blocks_freed")}, body["usage"]["prompt_tokens"])
+        check_entry({k: body["kv_transfer_params"]["kv_compression"][k] for k in USAGE_FIELDS},
+                    body["usage"]["prompt_tokens"])
         with pytest.raises(openai.BadRequestError) as info:
             stock.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
