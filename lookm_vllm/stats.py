@@ -15,7 +15,7 @@ from typing import Any
 STATS_KEY = "kv_compression"
 # The fields a client sees in ``usage.kv_compression``.
 USAGE_FIELDS = ("method", "budget", "max_kv_tokens", "prompt_tokens", "image_tokens",
-                "video_tokens", "kv_tokens_kept", "kv_blocks_freed")
+                "video_tokens", "kv_tokens_kept", "kv_blocks_freed", "prefix_reused_tokens")
 
 
 @dataclass(frozen=True)

@@ -127,4 +127,5 @@ def test_compression_stats_round_trip_through_kv_transfer_params():
     assert CompressionStats.from_dict(wire | {"future_field": 1}) == stats
     assert stats.usage() == {"method": "lookm", "budget": None, "max_kv_tokens": 256,
                              "prompt_tokens": 460, "image_tokens": 288, "video_tokens": 0,
-                             "kv_tokens_kept": 204, "kv_blocks_freed": 8}
+                             "kv_tokens_kept": 204, "kv_blocks_freed": 8,
+                             "prefix_reused_tokens": 0}

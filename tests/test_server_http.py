@@ -120,7 +120,7 @@ def expected_deltas(entry: dict) -> dict[str, float]:
 
 # The fields of usage.kv_compression (a subset of the raw stats in kv_transfer_params).
 USAGE_FIELDS = {"method", "budget", "max_kv_tokens", "prompt_tokens", "image_tokens",
-                "video_tokens", "kv_tokens_kept", "kv_blocks_freed"}
+                "video_tokens", "kv_tokens_kept", "kv_blocks_freed", "prefix_reused_tokens"}
 
 
 def check_entry(entry: dict, prompt_tokens: int, method: str = "lookm", budget: float = 0.2):

@@ -217,9 +217,11 @@ def test_policy_from_args():
 STATS = {"compressed": True, "method": "lookm", "budget": 0.2, "prompt_tokens": 460,
          "kv_tokens_kept": 204, "kv_blocks_freed": 8, "pool_free_blocks_before": 1,
          "pool_free_blocks_after": 9, "scoring_ms": 50.0, "compression_ms": 120.0,
-         "max_kv_tokens": None, "image_tokens": 288, "video_tokens": 96}
+         "max_kv_tokens": None, "image_tokens": 288, "video_tokens": 96,
+         "prefix_reused_tokens": 128}
 USAGE = {"method": "lookm", "budget": 0.2, "max_kv_tokens": None, "prompt_tokens": 460,
-         "image_tokens": 288, "video_tokens": 96, "kv_tokens_kept": 204, "kv_blocks_freed": 8}
+         "image_tokens": 288, "video_tokens": 96, "kv_tokens_kept": 204, "kv_blocks_freed": 8,
+         "prefix_reused_tokens": 128}
 
 
 def metric(name: str, labels: dict | None = None) -> float:
