@@ -303,6 +303,55 @@ def test_exact_against_transformers_llava_next(runs, tiny_llava_next_path):
     assert plan.modality_counts()["image"] > 3 * 64
 
 
+@pytest.fixture(scope="module")
+def tiny_internvl_path() -> str:
+    from lookm_vllm.demo.tiny_models import build_tiny_internvl
+
+    return str(build_tiny_internvl())
+
+
+def test_exact_against_transformers_internvl(runs, tiny_internvl_path):
+    """InternVL (HF-native ``InternVLForConditionalGeneration``, vLLM's
+    ``InternS1ForConditionalGeneration``), one tile per image: each image is ``<img>``, 64
+    ``<IMG_CONTEXT>`` embeddings, ``</img>``. vLLM's placeholder spans the whole run but marks
+    only the ``<IMG_CONTEXT>`` positions ``is_embed``; the plan here is built from the
+    ``<IMG_CONTEXT>`` runs alone, so the exact match shows that ``<img>``/``</img>`` are text to
+    LOOK-M (never evicted, protected by the text prior)."""
+    out, plan = _exact_check(runs, "exact_internvl", "internvl", tiny_internvl_path,
+                             num_images=4)
+    assert plan.modality_counts()["image"] == 4 * 64
+    ids = out["batches"][0][0]["prompt_token_ids"]
+    tok = json.loads((Path(tiny_internvl_path) / "tokenizer.json").read_text())
+    special = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    start, end = special["<img>"], special["</img>"]
+    assert ids.count(start) == ids.count(end) == 4
+    image = plan.is_image()
+    for p, t in enumerate(ids):
+        if t in (start, end):
+            assert not image[p]
+            assert image[p + 1 if t == start else p - 1]  # right next to the image tokens
+
+
+def test_internvl_off_is_identical_to_stock(runs, tiny_internvl_path):
+    """With the plugin loaded, InternVL requests without compression (none requested, an
+    explicit ``none``, budget 1.0) decode token for token as stock vLLM; a compressed one
+    frees blocks and changes the later tokens (not the first: that comes from the full
+    prefill)."""
+    requests = [{"images": [0, 3]}, {"images": [3, 3], "kv_compression": {"method": "none"}},
+                {"images": [6, 2], "kv_compression": {"method": "lookm", "budget": 1.0}},
+                {"images": [1, 4], "kv_compression": LOOKM_02}]
+    stock = runs("stock_internvl", {"model": "internvl", "lookm": False, "batches": [[
+        {k: v for k, v in r.items() if k != "kv_compression"} for r in requests]]})
+    plugin = runs("plugin_internvl", {"model": "internvl", "batches": [requests]})
+    for i in range(3):
+        assert plugin["batches"][0][i]["token_ids"] == stock["batches"][0][i]["token_ids"], i
+        assert plugin["batches"][0][i]["kv_transfer_params"] is None
+    a, b = plugin["batches"][0][3], stock["batches"][0][3]
+    assert a["kv_transfer_params"]["kv_compression"]["kv_blocks_freed"] > 0
+    assert a["token_ids"][0] == b["token_ids"][0] and a["token_ids"] != b["token_ids"]
+    assert plugin["metrics"][-1]["vllm:kv_cache_usage_perc"] == 0.0
+
+
 _GEMMA3_START = """
 import os, sys
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

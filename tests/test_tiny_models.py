@@ -98,6 +98,51 @@ def test_llava_image_tokens_parameter(tmp_path):
     assert tuple(inputs["pixel_values"].shape[-2:]) == (112, 112)
 
 
+def test_internvl_build_is_deterministic_and_loads(tmp_path, photos):
+    """The tiny InternVL (HF-native layout): deterministic build, every weight loads in
+    transformers, one tile per image whatever its size (``<img>`` + 64 ``<IMG_CONTEXT>`` +
+    ``</img>``), and greedy outputs that depend on the images."""
+    from transformers import AutoModelForImageTextToText
+
+    from lookm_vllm.demo.tiny_models import INTERNVL_CHAT_TEMPLATE, build_tiny_internvl
+
+    a = build_tiny_internvl(cache_dir=tmp_path / "a")
+    b = build_tiny_internvl(cache_dir=tmp_path / "b")
+    assert weights_hash(a) == weights_hash(b)
+    for name in ("tokenizer.json", "config.json", "processor_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["architectures"] == ["InternVLForConditionalGeneration"]
+    assert cfg["text_config"]["model_type"] == "qwen2"
+
+    proc = load_processor(a)
+    assert type(proc).__name__ == "InternVLProcessor"
+    assert proc.chat_template == INTERNVL_CHAT_TEMPLATE
+    prompt = chat_prompt(proc, QUESTION, 2)
+    assert prompt.endswith(f"user\n<IMG_CONTEXT>\n<IMG_CONTEXT>\n{QUESTION}<|im_end|>\n"
+                           "<|im_start|>assistant\n")
+    ims = [photos[0].resize((640, 200)), photos[1]]  # any size: one 224x224 tile each
+    inputs = proc(text=prompt, images=ims, return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (2, 3, 224, 224)
+    ids = inputs["input_ids"][0].tolist()
+    start, end = proc.start_image_token_id, proc.end_image_token_id
+    assert proc.image_token_id == cfg["image_token_id"]
+    for i in [i for i, t in enumerate(ids) if t == start]:
+        assert ids[i + 1:i + 66] == [proc.image_token_id] * 64 + [end]
+    assert ids.count(start) == 2 and ids.count(proc.image_token_id) == 128
+
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        a, dtype=torch.float32, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, "missing/unexpected/mismatched keys"
+    assert torch.count_nonzero(model.lm_head.weight[proc.tokenizer.all_special_ids]) == 0
+    outs = []
+    for pair in ((0, 1), (1, 0), (2, 3)):
+        _, tokens, gaps = _hf_greedy(model.eval(), proc, prompt, [photos[i] for i in pair], 8)
+        assert gaps[0] > NEAR_TIE
+        outs.append(tuple(tokens))
+    assert len(set(outs)) == len(outs), "different images must give different outputs"
+
+
 def test_test_images_are_distinct_real_photos():
     ims = test_images(len(PHOTO_NAMES) + 5)
     assert all(im.mode == "RGB" and min(im.size) >= 64 for im in ims)

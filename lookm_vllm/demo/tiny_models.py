@@ -58,8 +58,10 @@ from typing import Any
 __all__ = [
     "BUILD_VERSION",
     "CORPUS",
+    "INTERNVL_CHAT_TEMPLATE",
     "LLAVA_CHAT_TEMPLATE",
     "QWEN2VL_CHAT_TEMPLATE",
+    "build_tiny_internvl",
     "build_tiny_llava",
     "build_tiny_llava_next",
     "build_tiny_qwen2_5vl",
@@ -776,6 +778,168 @@ def build_tiny_qwen2_5vl(
     params |= {"window_size": window_size, "tokens_per_second": tokens_per_second}
     return _cached_build("qwen2_5vl", params,
                          functools.partial(_write_qwen_vl, "qwen2_5vl", params), cache_dir, force)
+
+
+# ---------------------------------------------------------------------------------------------
+# InternVL (HF-native layout, InternVL3-"hf")
+# ---------------------------------------------------------------------------------------------
+
+INTERNVL_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+)
+
+# Qwen2-style turns; an image part is one ``<IMG_CONTEXT>`` (the processors expand it to
+# ``<img>`` + image_seq_length x ``<IMG_CONTEXT>`` + ``</img>``), as in the InternVL3 "-hf" models.
+INTERNVL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}"
+    "{{- '<IMG_CONTEXT>\\n' -}}"
+    "{%- elif part['type'] == 'video' or part['type'] == 'video_url' -%}"
+    "{{- '<video>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _write_internvl(p: dict[str, Any], out: Path) -> None:
+    """Write a tiny InternVL model (``InternVLForConditionalGeneration``, HF-native layout)."""
+    import transformers
+
+    tok = build_tokenizer(
+        INTERNVL_SPECIAL_TOKENS,
+        vocab_size=p["vocab_size"],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+        # what InternVLProcessor reads from its tokenizer (as in the InternVL3 "-hf" tokenizers)
+        extra_attributes={"start_image_token": "<img>", "end_image_token": "</img>",
+                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
+    image_size = p["image_size"]
+    image_seq_length = (image_size // p["patch_size"]) ** 2 // 4  # pixel shuffle, ratio 0.5
+    config = transformers.InternVLConfig(
+        vision_config={
+            "hidden_size": p["vision_hidden_size"],
+            "intermediate_size": 4 * p["vision_hidden_size"],
+            "num_hidden_layers": p["vision_layers"],
+            "num_attention_heads": p["vision_heads"],
+            "image_size": [image_size, image_size],
+            "patch_size": [p["patch_size"], p["patch_size"]],
+            "attention_bias": True,
+            "use_qk_norm": False,
+            "norm_type": "layer_norm",
+            "use_mean_pooling": True,
+            "layer_scale_init_value": 0.1,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tok),
+            "hidden_size": p["hidden_size"],
+            "intermediate_size": p["intermediate_size"],
+            "num_hidden_layers": p["num_layers"],
+            "num_attention_heads": p["num_heads"],
+            "num_key_value_heads": p["num_kv_heads"],
+            "max_position_embeddings": p["max_position_embeddings"],
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "max_window_layers": p["num_layers"],
+            "use_sliding_window": False,
+            "tie_word_embeddings": False,
+        },
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=image_seq_length,
+        downsample_ratio=0.5,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    model = _instantiate(
+        transformers.InternVLForConditionalGeneration, config, p["seed"], tok.all_special_ids,
+        (ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]),
+        matrix_gain=p["matrix_gain"], embed_std=p["embed_std"],
+        lm_head_gain=p["lm_head_gain"], qk_gain=p["qk_gain"],
+    )
+    _save_model(model, out)  # model.vision_tower.*, model.language_model.*, lm_head.*: vLLM maps
+
+    size = {"height": image_size, "width": image_size}
+    pixels = {"size": size, "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD}
+    processor = transformers.InternVLProcessor(
+        # one tile per image, no thumbnail: a fixed number of tokens whatever the image size
+        image_processor=transformers.GotOcr2ImageProcessor(
+            **pixels, crop_to_patches=False, min_patches=1, max_patches=1),
+        tokenizer=tok,
+        video_processor=transformers.InternVLVideoProcessor(**pixels),
+        image_seq_length=image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_tiny_internvl(
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
+    vision_layers: int = 2,
+    vision_hidden_size: int = 64,
+    vision_heads: int = 2,
+    image_size: int = 224,
+    patch_size: int = 14,
+    vocab_size: int = _DEFAULT_VOCAB_SIZE,
+    max_position_embeddings: int = 32768,
+    seed: int = 0,
+    matrix_gain: float = 1.5,
+    embed_std: float = 1.0,
+    lm_head_gain: float = 1.0,
+    qk_gain: float = 2.0,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """Build (or reuse from the cache) a tiny InternVL-style model; returns its directory.
+
+    transformers' ``InternVLForConditionalGeneration`` (the InternVL3 "-hf" layout; vLLM 0.32
+    serves it as ``InternS1ForConditionalGeneration``): an InternViT-style tower (CLS token,
+    layer scale, no final norm), 0.5 pixel shuffle, a LayerNorm + 2-layer GELU projector and a
+    Qwen2 LM. One tile per image (``crop_to_patches=False``): every image is resized to
+    ``image_size`` and becomes ``<img>`` + ``(image_size / patch_size)**2 / 4`` ``<IMG_CONTEXT>``
+    tokens + ``</img>`` (224 px -> 64 image tokens).
+    """
+    params = dict(locals())
+    del params["cache_dir"], params["force"]
+    if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 8:
+        raise ValueError("hidden_size/num_heads must be a multiple of 8 and divide evenly")
+    if image_size % (2 * patch_size):
+        raise ValueError("image_size must be a multiple of 2 * patch_size (pixel shuffle)")
+    return _cached_build("internvl", params, functools.partial(_write_internvl, params),
+                         cache_dir, force)
 
 
 # ---------------------------------------------------------------------------------------------
