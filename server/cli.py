@@ -10,9 +10,11 @@ arguments are parsed in two layers, the user's over lookm-serve's own:
                     --middleware lookm_vllm.server.middleware.LookMMiddleware  # checks, usage
     the user's:     everything on the command line (wins; --middleware appends)
 
-which vLLM's own ``run_server`` (uvicorn) serves. Without ``--model`` the built-in tiny demo
-LLaVA is built on first use (cached) and, on CPU, served with the tiny-model engine settings of
-``lookm_vllm.demo.tiny_models.vllm_server_args``; flags given explicitly win over those.
+which vLLM's own ``run_server`` (uvicorn) serves. Without ``--model`` the demo model shipped in the
+package is served (``lookm_vllm.demo.trained``: a small LLaVA trained on colored-shape questions,
+see ``lookm_vllm.demo.shapes``; nothing is trained or built at start) and, on CPU, with the
+tiny-model engine settings of ``lookm_vllm.demo.tiny_models.vllm_server_args``; flags given
+explicitly win over those.
 Environment fallbacks (for Docker / k8s; a flag wins over its variable): ``ENV_FALLBACKS``.
 """
 
@@ -111,9 +113,10 @@ def make_parser():
              "concurrent load) before the client gets HTTP 503 with Retry-After. 0: no retry.")
     for action in parser._actions:
         if "--model" in action.option_strings:
-            action.help = ("Model directory or Hugging Face id. Default: the built-in tiny "
-                           "random-weight demo LLaVA (built on first use, cached; answers are "
-                           "random text). Env: LOOKM_MODEL.")
+            action.help = ("Model directory or Hugging Face id. Default: the demo model "
+                           "shipped in the package (a small LLaVA trained to answer questions "
+                           "about colored shapes, lookm_vllm/demo/shapes_llava). "
+                           "Env: LOOKM_MODEL.")
     defaults: dict[str, Any] = {"model": None}
     for var, dest in ENV_FALLBACKS.items():
         value = os.environ.get(var)
@@ -149,9 +152,10 @@ def server_default(parser, text: str | None) -> CompressionConfig | None:
 def _demo_model_args(max_images: int | None) -> list[str]:
     from vllm.platforms import current_platform
 
-    from lookm_vllm.demo.tiny_models import build_tiny_llava, vllm_server_args
+    from lookm_vllm.demo.tiny_models import vllm_server_args
+    from lookm_vllm.demo.trained import demo_model_path
 
-    path = build_tiny_llava()
+    path = demo_model_path()
     if current_platform.is_cpu():
         return vllm_server_args(path, max_images=max_images or DEMO_MAX_IMAGES)
     return ["--model", str(path)]

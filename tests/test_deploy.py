@@ -313,6 +313,9 @@ def test_gpu_image_source_builds_a_wheel_with_lookm_vllm_server(tmp_path):
     assert {n.split("/")[-1] for n in names if n.startswith("lookm_vllm/server/")} == server_files
     assert {n.split("/")[0] for n in names} == {"lookm_vllm", f"lookm_vllm-{VERSION}.dist-info"}
     assert top_level == ["lookm_vllm"]
+    # the trained demo model (package data) is in the wheel: lookm-serve serves it installed
+    assert {n.split("/")[-1] for n in names if n.startswith("lookm_vllm/demo/shapes_llava/")} >= {
+        "model.safetensors", "config.json", "lookm_demo.json", "tokenizer.json"}
     assert f"{CONSOLE_SCRIPT} = lookm_vllm.server.cli:main" in entry_points
 
 

@@ -385,6 +385,17 @@ def test_sliding_window_models_are_refused_at_start(tmp_path):
             "['FullAttentionSpec', 'SlidingWindowSpec']") in proc.stderr
 
 
+def test_exact_against_transformers_trained_demo_model(runs):
+    """The trained demo model (lookm_vllm/demo/shapes_llava): compressed exactly as on the random
+    fixtures. Its full-cache answer stops after one word; compressed, it does not (the check's
+    "full cache decodes other tokens" part): transformers, decoding from the same compressed
+    cache with logical positions, does the same, so that is the model, not the engine."""
+    from lookm_vllm.demo.trained import demo_model_path
+
+    _exact_check(runs, "exact_demo", "demo", str(demo_model_path()), num_images=2,
+                 config={"method": "lookm", "budget": 0.5})
+
+
 def test_flash_attention_wrappers_serve_exactly_on_vllm_cpu(runs, tiny_llava_path):
     """The CUDA path's classes end to end on vLLM-CPU (tests/engine/flash_on_cpu.py): vLLM's
     FlashAttention builder and impl under the LOOK-M mixins, FlashAttnLayout over the cache,

@@ -1,7 +1,8 @@
 """HTTP tests: the official ``openai`` client against real server processes (uvicorn).
 
 Two servers start once for the module, side by side: ``lookm-serve`` with the built-in demo model
-(the tiny LLaVA, 144 tokens per image, KV blocks of 32 tokens) configured through the environment
+(the trained demo LLaVA of lookm_vllm/demo/shapes_llava, 64 tokens per image, KV blocks of 32
+tokens) configured through the environment
 fallbacks (LOOKM_HOST/PORT/API_KEY), and a stock ``python -m vllm.entrypoints.openai.api_server``
 with LOOK-M's engine option (``options.kv_transfer_config()``), used by one test and stopped after
 it.
@@ -163,7 +164,7 @@ def test_stock_vllm_server_with_plugin_option(launched, tiny_llava_path, photo_u
 def test_health_and_models(lookm_server, client, model):
     assert httpx.get(f"{lookm_server.url}/health").status_code == 200
     assert [m.id for m in client.models.list().data] == [model]
-    assert Path(model).name.startswith("llava-")  # the built-in demo model
+    assert Path(model).name == "shapes_llava"  # the built-in demo model
 
 
 def test_compressed_chat_with_three_photos(lookm_server, client, model, photo_urls):
@@ -176,7 +177,7 @@ def test_compressed_chat_with_three_photos(lookm_server, client, model, photo_ur
     completion = raw.parse()
     assert completion.choices[0].message.content
     usage = completion.usage
-    assert usage.prompt_tokens > 3 * 144
+    assert usage.prompt_tokens > 3 * 64
     entry = usage.model_extra["kv_compression"]
     check_entry(entry, usage.prompt_tokens)
     assert metric_deltas(before, lookm_metrics(lookm_server.url)) == expected_deltas(entry)

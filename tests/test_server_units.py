@@ -359,7 +359,8 @@ def test_middleware_leaves_unauthenticated_requests_to_vllm(app_client):
 
 
 # ------------------------------------------------------------------------------ CLI
-def test_cli_builds_vllm_args(monkeypatch, tiny_llava_path):
+def test_cli_builds_vllm_args(monkeypatch):
+    from lookm_vllm.demo.trained import DEMO_MODEL_DIR
     from lookm_vllm.server.cli import parse_args
     from lookm_vllm.vllm_adapter import options
 
@@ -369,8 +370,8 @@ def test_cli_builds_vllm_args(monkeypatch, tiny_llava_path):
     args = parse_args(["--kv-compression", '{"method": "lookm", "budget": 0.2}',
                        "--allowed-image-domains", "A.com, b.org", "--max-images", "3",
                        "--block-size", "64", "--middleware", "my.Middleware"])
-    # the demo model with the tiny-model settings, the user's own flags winning
-    assert args.model == str(tiny_llava_path)
+    # the shipped demo model with the tiny-model settings, the user's own flags winning
+    assert args.model == str(DEMO_MODEL_DIR)
     assert args.block_size == 64 and args.dtype == "float32" and args.enforce_eager
     assert args.limit_mm_per_prompt == {"image": 3} and args.max_images == 3
     # the engine option from options.py, nothing else

@@ -3,6 +3,7 @@
     lookm-eval generate DATA_DIR [--samples 20] [--images 4] [--seed 0]
     lookm-eval run --model MODEL --tasks DATA_DIR --out RESULTS [--methods ...] [--budgets ...]
     lookm-eval report RESULTS
+    lookm-eval demo [--out results/demo-eval] [--samples 100]
 
 ``run`` renders each task's prompts with the model's chat template, generates greedily for the
 full cache and every method x budget (resuming from what ``RESULTS/predictions`` holds), then
@@ -18,10 +19,25 @@ import os
 import sys
 from typing import Any
 
-from .grid import DEFAULT_BUDGETS, DEFAULT_METHODS, DEFAULT_RECENT_SHARE, build_grid
+from lookm_vllm.demo.shapes import TASKS as DEMO_TASKS  # the tasks the demo model answers
+
+from .grid import (
+    DEFAULT_BUDGETS,
+    DEFAULT_METHODS,
+    DEFAULT_RECENT_SHARE,
+    build_grid,
+    with_scorings,
+)
 from .milebench import TaskFormatError
 from .runner import DEFAULT_BATCH_SIZE, SettingsMismatch
+from .synthetic import ALL_TASKS, SHAPE_TASKS
 from .synthetic import TASKS as SYNTHETIC_TASKS
+
+# ``lookm-eval demo``: the trained demo model on its held-out tasks, every method, both scorings.
+DEMO_METHODS: tuple[str, ...] = ("none", "lookm-pivotal", "lookm-average", "lookm-weighted",
+                                 "h2o", "snapkv", "streaming", "random")
+DEMO_BUDGETS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5)
+DEMO_SCORINGS: tuple[str, ...] = ("full", "window")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -41,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write small synthetic tasks in MileBench's format")
     gen.add_argument("out", help="folder to write <Task>/<Task>.json and <Task>/images/ into")
     gen.add_argument("--tasks", nargs="+", default=list(SYNTHETIC_TASKS),
-                     choices=SYNTHETIC_TASKS, metavar="TASK",
-                     help=f"which tasks (default: all of {', '.join(SYNTHETIC_TASKS)})")
+                     choices=ALL_TASKS, metavar="TASK",
+                     help=f"which tasks (default: all of {', '.join(SYNTHETIC_TASKS)}; the "
+                          f"colored-shape tasks: {', '.join(SHAPE_TASKS)}; the trained demo "
+                          f"model answers {', '.join(DEMO_TASKS)})")
     gen.add_argument("--samples", type=int, default=20, help="items per task (default 20)")
     gen.add_argument("--images", type=int, default=4, help="images per item (default 4)")
     gen.add_argument("--seed", type=int, default=0)
@@ -50,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate predictions for the grid, then report")
     run.add_argument("--model", required=True,
-                     help="model path or hub id (or tiny-llava[:TOKENS_PER_IMAGE], tiny-qwen2vl)")
+                     help="model path or hub id (or demo: the trained demo model; "
+                          "tiny-llava[:TOKENS_PER_IMAGE], tiny-qwen2vl: random weights)")
     run.add_argument("--tasks", nargs="+", required=True,
                      help="task files, task folders, or folders of task folders")
     run.add_argument("--out", required=True, help="results folder (reused to resume)")
@@ -59,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                           f"always run). Default: {' '.join(DEFAULT_METHODS)}")
     run.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),
                      help="KV budgets, fractions of the prompt (default 0.1 0.2 0.5)")
+    run.add_argument("--scoring", nargs="+", choices=DEMO_SCORINGS, default=None,
+                     help="run every method that ranks by attention once per scoring "
+                          "(labelled <method>+full, <method>+window); default: each method's "
+                          "own (window for snapkv, full otherwise)")
     run.add_argument("--recent-share", type=float, default=DEFAULT_RECENT_SHARE,
                      help="share of each budget given to the recent window (default 0.5)")
     run.add_argument("--max-tokens", type=int, default=512,
@@ -78,6 +101,19 @@ def _parser() -> argparse.ArgumentParser:
                           "'{\"max_model_len\": 4608, \"dtype\": \"float16\"}'")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
+
+    demo = sub.add_parser(
+        "demo", help="the trained demo model's accuracy table: its held-out tasks, none, LOOK-M "
+                     "(pivotal, average, weighted), h2o, snapkv, streaming and random at budgets "
+                     "0.05 0.1 0.2 0.5, full and window scoring")
+    demo.add_argument("--out", default="results/demo-eval",
+                      help="results folder (reused to resume; the tasks go to OUT/data)")
+    demo.add_argument("--samples", type=int, default=100, help="items per task (default 100)")
+    demo.add_argument("--images", type=int, default=4, help="images per item (default 4)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
 
     rep = sub.add_parser("report", help="(re)build the table and plot from saved predictions")
     rep.add_argument("out", help="results folder of a previous run")
@@ -114,7 +150,8 @@ def _run(args: argparse.Namespace) -> int:
 
     extra = args.engine_args
     tasks = [load_task(p) for p in find_task_files(args.tasks)]
-    cells = build_grid(args.methods, args.budgets, args.recent_share)
+    methods = with_scorings(args.methods, args.scoring) if args.scoring else args.methods
+    cells = build_grid(methods, args.budgets, args.recent_share)
     model_path, engine_kwargs = resolve_model(args.model)
     engine_kwargs.update(extra)
     image_tokens = args.image_tokens
@@ -141,6 +178,23 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(table))
     print(f"wrote {args.out}/results.json, results.csv, scores.png")
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .synthetic import generate_tasks
+
+    data = Path(args.out) / "data"
+    for path in generate_tasks(data, DEMO_TASKS, num_samples=args.samples,
+                               images_per_sample=args.images, seed=args.seed):
+        print(path)
+    run = _parser().parse_args([
+        "run", "--model", "demo", "--tasks", str(data), "--out", args.out,
+        "--methods", *DEMO_METHODS, "--budgets", *map(str, DEMO_BUDGETS),
+        "--scoring", *DEMO_SCORINGS, "--max-tokens", "8", "--batch-size", str(args.batch_size),
+        *(["--no-progress"] if args.no_progress else [])])
+    return _run(run)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -21,8 +21,9 @@ from lookm_vllm.vllm_adapter.options import ENGINE_ENV, EXTRA_ARGS_KEY, engine_k
 from .runner import Generation, Request
 
 # ``tiny-llava``, ``tiny-llava:64`` (tokens per image), ``tiny-qwen2vl``: the repository's tiny
-# random-weight models, built on the spot (for demos and tests; their answers mean nothing).
-TINY_MODELS = ("tiny-llava", "tiny-qwen2vl")
+# random-weight models, built on the spot (for tests; their answers mean nothing). ``demo``: the
+# trained demo model shipped in lookm_vllm/demo/shapes_llava (answers lookm_vllm.demo.shapes).
+TINY_MODELS = ("tiny-llava", "tiny-qwen2vl", "demo")
 
 
 def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
@@ -36,7 +37,11 @@ def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
         return model, {"model": model, "enable_prefix_caching": False}
     from lookm_vllm.demo import tiny_models
 
-    if name == "tiny-llava":
+    if name == "demo":
+        from lookm_vllm.demo.trained import demo_model_path
+
+        path = demo_model_path()
+    elif name == "tiny-llava":
         path = tiny_models.build_tiny_llava(int(arg) if arg else 144)
     else:
         path = tiny_models.build_tiny_qwen2vl()

@@ -233,9 +233,50 @@ def plot(table: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def plot_by_scoring(table: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy (``Avg``) against the budget, one panel per attention scoring (``+full``,
+    ``+window`` methods; methods that do not score, e.g. ``streaming`` and ``random``, appear in
+    every panel), one line per method; the full cache is a dashed horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scorings = sorted({row["method"].partition("+")[2] for row in table["rows"]} - {""})
+    fig, axes = plt.subplots(1, len(scorings), figsize=(5.8 * len(scorings), 4.4), sharey=True,
+                             squeeze=False)
+    for ax, scoring in zip(axes[0], scorings, strict=True):
+        by_method: dict[str, list[tuple[float, float]]] = {}
+        for row in table["rows"]:
+            value = row["values"]["Avg"]
+            base, _, own = row["method"].partition("+")
+            if value is None or (own and own != scoring):
+                continue
+            if row["budget"] is None:
+                ax.axhline(value, color="black", linestyle="--", linewidth=1,
+                           label=f"{row['method']} (full cache)")
+            else:
+                by_method.setdefault(base, []).append((row["budget"], value))
+        for method, points in by_method.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("KV budget (fraction of the prompt kept, log scale)")
+        ax.set_title(f"{scoring} attention scoring")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("Accuracy (Avg over tasks, %)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def report(out_dir: str | Path, cells: Sequence[str] | None = None,
            tasks: Sequence[str] | None = None) -> dict[str, Any]:
-    """Score, write ``results.json``/``results.csv``/``scores.png`` under ``out_dir`` (all
+    """Score, write ``results.json``/``results.csv``/``scores.png`` (and, for a grid with
+    ``+full``/``+window`` scoring variants, ``accuracy.png``) under ``out_dir`` (all
     predictions there, or only those of ``cells`` x ``tasks``, rows in ``cells`` order).
 
     Raises
@@ -249,4 +290,6 @@ def report(out_dir: str | Path, cells: Sequence[str] | None = None,
     table = build_table(results, cells)
     write_table(table, out_dir)
     plot(table, Path(out_dir) / "scores.png")
+    if any("+" in row["method"] for row in table["rows"]):
+        plot_by_scoring(table, Path(out_dir) / "accuracy.png")
     return table

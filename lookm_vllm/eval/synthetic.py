@@ -13,6 +13,11 @@ Four tasks, each ``<out>/<Task>/<Task>.json`` + ``<out>/<Task>/images/<photo>.jp
 
 The names route the metrics exactly as MileBench routes its own tasks. Everything is drawn from
 ``random.Random(seed)``: the same arguments write byte-identical JSON and images.
+
+Two more tasks, ``SHAPE_TASKS``, are colored-shape questions (:mod:`lookm_vllm.demo.shapes`:
+"What color is the shape in the framed image?", which the trained demo model answers, and "Is
+there a red shape in any image?", which it does not), written from that module's held-out item
+stream (never a training item), with PNG images.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from lookm_vllm.demo import shapes
 from lookm_vllm.demo.images import PHOTO_NAMES, load_photo
 from lookm_vllm.demo.tiny_models import CORPUS
 
@@ -46,6 +52,8 @@ PASSWORDS: tuple[str, ...] = ("apple", "river", "mountain", "violin", "lantern",
                               "meadow", "falcon", "copper", "orchid", "glacier", "saddle")
 TASKS: tuple[str, ...] = ("SynthImageNeedleInAHaystack", "SynthTextNeedleInAHaystack", "SynthVQA",
                           "SynthCaption")
+SHAPE_TASKS: tuple[str, ...] = shapes.ALL_TASKS
+ALL_TASKS: tuple[str, ...] = TASKS + SHAPE_TASKS
 # Filler for the text needle: corpus lines that say nothing about "the image" or a question.
 _FILLER = tuple(line.strip() for line in CORPUS.strip().splitlines()
                 if line.strip() and not any(
@@ -122,8 +130,11 @@ def generate_task(out_dir: str | Path, task: str, *, num_samples: int = 20,
         For an unknown task name, or more images per sample than labelled photos (or fewer than
         4 photos for the multiple-choice task's 4 options).
     """
+    if task in SHAPE_TASKS:
+        return generate_shapes_task(out_dir, task, num_samples=num_samples,
+                                    images_per_sample=images_per_sample, seed=seed)
     if task not in TASKS:
-        raise ValueError(f"unknown synthetic task {task!r}; one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown synthetic task {task!r}; one of {', '.join(ALL_TASKS)}")
     photos = available_photos()
     if not 1 <= images_per_sample <= len(photos) or len(photos) < 4:
         raise ValueError(f"images_per_sample must be in [1, {len(photos)}] (labelled photos)")
@@ -143,6 +154,35 @@ def generate_task(out_dir: str | Path, task: str, *, num_samples: int = 20,
     meta = {"task": task, "split": "synthetic", "num_sample": num_samples,
             "task_instruction": _INSTRUCTIONS[task], "question_type": _QUESTION_TYPE[task],
             "generator": {"seed": seed, "images_per_sample": images_per_sample}}
+    path = task_dir / f"{task}.json"
+    path.write_text(json.dumps({"meta_data": meta, "data": data}, indent=2) + "\n")
+    return path
+
+
+def generate_shapes_task(out_dir: str | Path, task: str, *, num_samples: int = 20,
+                         images_per_sample: int = 4, seed: int = 0) -> Path:
+    """Write one of the demo model's tasks (``SHAPE_TASKS``) from the held-out item stream
+    ``shapes.item_rng("heldout", seed, i)``; images are ``images/<sample>_<k>.png``."""
+    if task not in SHAPE_TASKS:
+        raise ValueError(f"unknown shapes task {task!r}; one of {', '.join(SHAPE_TASKS)}")
+    task_dir = Path(out_dir) / task
+    (task_dir / "images").mkdir(parents=True, exist_ok=True)
+    data = []
+    for sample_id in range(num_samples):
+        # One stream per task (the task name is part of the split): tasks do not share items.
+        item = shapes.make_item(task, images_per_sample,
+                                shapes.item_rng(f"heldout-{task}", seed, sample_id))
+        names = [f"{sample_id}_{k}.png" for k in range(len(item.images))]
+        for name, img in zip(names, item.images, strict=True):
+            img.save(task_dir / "images" / name, format="PNG")
+        data.append({"sample_id": sample_id, "task_instruction_id": 0,
+                     "task_instance": {"context": shapes.context_text(len(names), item.question),
+                                       "images_path": names},
+                     "response": item.answer, "image_quantity_level": "Few"})
+    meta = {"task": task, "split": "heldout", "num_sample": num_samples,
+            "task_instruction": [shapes.INSTRUCTION], "question_type": shapes.QUESTION_TYPE,
+            "generator": {"seed": seed, "images_per_sample": images_per_sample,
+                          "module": "lookm_vllm.demo.shapes"}}
     path = task_dir / f"{task}.json"
     path.write_text(json.dumps({"meta_data": meta, "data": data}, indent=2) + "\n")
     return path

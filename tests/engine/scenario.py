@@ -34,6 +34,10 @@ def build_model(spec: dict) -> str:
 
     if spec["model"] == "llava":
         return str(tiny_models.build_tiny_llava(spec.get("image_tokens", 144)))
+    if spec["model"] == "demo":   # the trained demo model shipped in the package
+        from lookm_vllm.demo.trained import demo_model_path
+
+        return str(demo_model_path())
     return str(getattr(tiny_models, f"build_tiny_{spec['model']}")())
 
 
