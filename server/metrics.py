@@ -37,6 +37,15 @@ COMPRESSION_SECONDS = Histogram(
     "are not observed.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+SCORING_SECONDS = Histogram(
+    "lookm_scoring_seconds",
+    "Device time a request's attention scoring took in the engine, summed over layers: the extra "
+    "attention of the scoring queries (every prompt query for full scoring, the last W for "
+    "window scoring) over the prompt's keys that ranks the KV pairs; it runs inside the prefill "
+    "and is not part of lookm_compression_seconds. Requests whose timing was not measured yet "
+    "when they finished, and methods that do not score (streaming, random), are not observed.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 
 MM_CACHE_RETRIES = Counter(
     "lookm_mm_cache_retries",
@@ -61,3 +70,5 @@ def observe(stats: CompressionStats) -> None:
         COMPRESSED_PROMPT_TOKENS.labels(modality=modality).inc(count)
     if stats.compression_ms is not None:
         COMPRESSION_SECONDS.observe(stats.compression_ms / 1000.0)
+    if stats.scoring_ms:   # None: not measured yet; 0: the method does not score
+        SCORING_SECONDS.observe(stats.scoring_ms / 1000.0)

@@ -235,7 +235,9 @@ def test_shape_response_moves_stats_into_usage_and_counts_them():
                                      "lookm_kv_tokens_evicted_total",
                                      "lookm_kv_blocks_freed_total",
                                      "lookm_compression_seconds_count",
-                                     "lookm_compression_seconds_sum")}
+                                     "lookm_compression_seconds_sum",
+                                     "lookm_scoring_seconds_count",
+                                     "lookm_scoring_seconds_sum")}
     before |= {f"modality:{m}": metric("lookm_compressed_prompt_tokens_total", {"modality": m})
                for m in ("text", "image", "video")}
     body = shape_response({"usage": {"prompt_tokens": 460},
@@ -253,6 +255,9 @@ def test_shape_response_moves_stats_into_usage_and_counts_them():
         "lookm_compression_seconds_count"] == 1
     assert metric("lookm_compression_seconds_sum") - before[
         "lookm_compression_seconds_sum"] == pytest.approx(0.12)
+    assert metric("lookm_scoring_seconds_count") - before["lookm_scoring_seconds_count"] == 1
+    assert metric("lookm_scoring_seconds_sum") - before[
+        "lookm_scoring_seconds_sum"] == pytest.approx(0.05)
     # other connectors' entries stay; nothing to move leaves the body as it was
     assert shape_response({"kv_transfer_params": {"x": 1}}) == {"kv_transfer_params": {"x": 1}}
     assert shape_response({"usage": {}, "kv_transfer_params": None}) == {"usage": {}}
