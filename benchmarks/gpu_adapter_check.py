@@ -13,7 +13,9 @@ run goes on; the JSON is rewritten after every case, so a killed run keeps what 
     Versions, the GPU, whether the core dispatches to Triton, how the config was provided.
 ``adapter_bfloat16``, ``adapter_float16``
     ``WorkerState.process_layer`` on a paged cache in vLLM FlashAttention's layout (logical
-    ``[num_blocks, Hkv, block_size, 2 d]``), run on the device and on CPU from bit-identical
+    ``[num_blocks, Hkv, block_size, 2 d]``), then ``WorkerState.compress_deferred`` as the
+    request's next step does (compression is deferred past the first token, except in a
+    replay), run on the device and on CPU from bit-identical
     inputs in the same dtype, for five configs and three modes (below); the two runs must agree.
 ``triton``
     ``triton_accumulated_attention`` vs a float64 torch reference (MHA, GQA 32/8, head_dim 128
@@ -530,6 +532,13 @@ def run_request(inputs: RequestInputs, device: str) -> RunResult:
                 state.process_layer(f"model.layers.{layer}.self_attn.attn", work, query, output,
                                     cache, block_table, FlashAttnLayout(), inputs.scale)
                 outputs[layer].append(output[mode.batch_offset:].cpu())
+        if state.requests[REQ_ID].deferred:
+            # The request's next (decode) step: each layer is compressed before its attention.
+            work = [RowWork(REQ_ID, row=mode.row, token_start=mode.batch_offset,
+                            position_start=inputs.num_tokens, num_tokens=1)]
+            for layer, cache in enumerate(caches):
+                state.compress_deferred(f"model.layers.{layer}.self_attn.attn", work, cache,
+                                        block_table, FlashAttnLayout(), inputs.scale)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start_time

@@ -605,3 +605,114 @@ def test_fp8_codec_encodes_exactly_as_vllm_writes():
     assert torch.equal(stored_v[slots // 32, :, slots % 32].transpose(0, 1), value_codes)
     error = (codec.decode(key_codes, "key") - keys).abs().max()
     assert 0 < error <= 0.07 * keys.abs().max()     # fp8 e4m3: 3 mantissa bits
+
+
+# ------------------------------------------------------------------ deferred compression
+@pytest.mark.parametrize("config", [
+    {"method": "lookm", "budget": 0.2},
+    {"method": "lookm", "budget": 0.3, "scoring": "window", "window": 6, "merge": "average"},
+    {"method": "h2o", "budget": 0.2},
+    {"method": "lookm", "max_kv_tokens": 60},
+])
+def test_plan_holes_are_the_holes_compaction_frees(config):
+    """The read view of a deferred compression is built from ``RequestPlan.holes`` before any
+    score exists: it must be what every compaction then frees, whatever the scores."""
+    g = torch.Generator().manual_seed(5)
+    plan = make_plan(config)
+    for _ in range(3):
+        cache, adapter = _paged("cpu", 14, 2, 16, g)
+        key_cache, value_cache = adapter.split(cache)
+        result = compact_prompt(key_cache, value_cache, torch.arange(13), plan,
+                                torch.rand(2, 100, generator=g))
+        assert result.holes == plan.holes(BS) and result.holes
+
+
+class _RecordingAttention:
+    """Stands in for a vLLM attention impl: records the cache its attention reads."""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        self.seen = kv_cache.clone()
+        return output
+
+
+def test_compression_is_deferred_to_the_next_step_before_its_attention(monkeypatch):
+    """The step that completes the prompt only scores (the first token comes from the
+    uncompressed prefill); the request's next step compresses each layer BEFORE that layer's
+    attention reads the compacted view, and ends with exactly the cache an immediate
+    compaction from the same scores gives."""
+    from lookm_vllm.core import AttentionAccumulator
+    from lookm_vllm.vllm_adapter import attention
+    from lookm_vllm.vllm_adapter.attention import LookMImplMixin
+    from lookm_vllm.vllm_adapter.worker_state import WorkerState
+
+    g = torch.Generator().manual_seed(6)
+    heads, q_heads, dim, prompt_len = 2, 4, 16, 100
+    plan = make_plan({"method": "lookm", "budget": 0.2, "scoring": "window", "window": 8})
+    cache, layout = _paged("flash", 16, heads, dim, g)
+    row = torch.randperm(16, generator=g)[:14]
+    table = torch.zeros(2, 14, dtype=torch.long)
+    table[1] = row                                     # our request is batch row 1
+    queries = torch.randn(prompt_len, q_heads, dim, generator=g)
+    state = WorkerState(active=True)
+    state.apply({"r": plan.to_dict()}, [])
+    state.step_req_ids = ["other", "r"]
+    monkeypatch.setattr(attention, "STATE", state)
+
+    # step 1: the whole prompt, behind another request's 3 decode tokens
+    qsl, lens = torch.tensor([0, 3, 3 + prompt_len]), torch.tensor([50, prompt_len])
+    work, holed, deferred = state.rows(2, qsl, lens, BS)
+    assert holed == [] and deferred == [] and len(work) == 1
+    before = cache.clone()
+    query = torch.cat([torch.randn(3, q_heads, dim, generator=g), queries])
+    state.process_layer("layer0", work, query, torch.zeros(3 + prompt_len, q_heads * dim),
+                        cache, table, layout, 0.25)
+    req = state.requests["r"]
+    assert req.deferred and not req.compressed and torch.equal(cache, before)
+    state.finish_step()
+    assert state.take_results() == {}                  # nothing freed yet
+
+    # step 2: its first decode token; the view leaves out the plan's holes already
+    work, holed, deferred = state.rows(2, torch.tensor([0, 1, 2]),
+                                       torch.tensor([51, prompt_len + 1]), BS)
+    assert work == [] and [item.row for item in deferred] == [1]
+    assert [(r, h.holes) for r, h in holed] == [(1, tuple(plan.holes(BS)))]
+
+    class Impl(LookMImplMixin, _RecordingAttention):
+        scale = 0.25
+
+    impl = Impl()
+    impl.layout = layout
+    metadata = SimpleNamespace(lookm_deferred=deferred, lookm_source_table=table, lookm_work=[],
+                               block_table=table)
+    impl.forward(SimpleNamespace(layer_name="layer0"), None, None, None, cache, metadata, None)
+    assert torch.equal(impl.seen, cache) and not torch.equal(cache, before)
+    assert req.compressed and req.holes == plan.holes(BS) and not req.deferred
+    state.finish_step()
+    assert state.take_results()["r"]["holes"] == plan.holes(BS)
+
+    # the reference: compacting at once, from the same window's scores
+    acc = AttentionAccumulator(heads, scale=0.25)
+    key_cache, value_cache = layout.split(before)
+    keys, _ = gather_prompt(key_cache, value_cache, row, prompt_len)
+    acc.update(queries[-8:].transpose(0, 1), keys, query_start=prompt_len - 8)
+    compact_prompt(key_cache, value_cache, row, plan, acc.scores)
+    assert torch.equal(cache, before)
+
+
+def test_a_replayed_prompt_is_compressed_at_once():
+    """A preempted request recomputing prompt and outputs in one chunk: its output rows saw the
+    compressed cache when first decoded, so this chunk compresses (nothing is deferred)."""
+    from lookm_vllm.vllm_adapter.worker_state import WorkerState
+
+    g = torch.Generator().manual_seed(7)
+    plan = make_plan()
+    cache, layout = _paged("cpu", 16, 2, 16, g)
+    state = WorkerState(active=True)
+    state.apply({"r": plan.to_dict()}, [])
+    state.step_req_ids = ["r"]
+    work, _, _ = state.rows(1, torch.tensor([0, 103]), torch.tensor([103]), BS)
+    state.process_layer("layer0", work, torch.randn(103, 4, 16, generator=g),
+                        torch.zeros(103, 64), cache, torch.arange(14)[None], layout, 0.25)
+    req = state.requests["r"]
+    assert req.compressed and not req.deferred and req.holes == plan.holes(BS)

@@ -119,3 +119,40 @@ def test_flash_builder_is_a_pass_through_without_lookm_requests(flash_builder, m
     metadata = flash_builder.build(0, cm)
     assert metadata.block_table is table and metadata.seq_lens is lens
     assert not hasattr(metadata, "lookm_work")
+
+
+def test_flash_builder_defers_compression_to_the_first_decode_step(flash_builder, monkeypatch):
+    """A request whose prompt completed in the previous step decodes its first token: the
+    FlashAttention metadata already reads its row without the plan's holes (each layer compresses
+    before its attention), and the compression gets the runner's uncompacted rows."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from lookm_vllm.vllm_adapter import attention
+
+    state = WorkerState(active=True)
+    plan = _plan(960)
+    waiting = WorkerRequest(plan)
+    waiting.deferred = True
+    state.requests = {"waiting": waiting}
+    state.step_req_ids = ["plain", "waiting"]
+    monkeypatch.setattr(attention, "STATE", state)
+    lens = torch.tensor([300, 961], dtype=torch.int32)
+    table = torch.arange(2 * 40, dtype=torch.int32).view(2, 40) + 1
+    runner_table = table.clone()
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=lens,
+        seq_lens_cpu_upper_bound=lens.clone(), num_reqs=2, num_actual_tokens=2, max_query_len=1,
+        max_seq_len=961, block_table_tensor=table, slot_mapping=torch.zeros(2, dtype=torch.long))
+
+    metadata = flash_builder.build(0, cm)
+
+    holes = plan.holes(BLOCK)
+    assert holes and not waiting.compressed
+    assert metadata.seq_lens.tolist() == [300, 961 - len(holes) * BLOCK]
+    live = [c for c in range(-(-961 // BLOCK)) if c not in holes]
+    assert metadata.block_table[1, :len(live)].tolist() == table[1, live].tolist()
+    (item,) = metadata.lookm_deferred
+    assert (item.req_id, item.row, item.position_start, item.num_tokens) == ("waiting", 1, 960, 1)
+    assert metadata.lookm_source_table is table and torch.equal(table, runner_table)
+    assert metadata.lookm_work == []

@@ -238,6 +238,59 @@ def _round_up(count: int, multiple: int) -> int:
     return -(-count // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class _Layout:
+    protected: Tensor           # bool [L]: kept whatever the scores
+    evictable: Tensor           # bool [L]
+    num_protected_evictable: int
+    kept_evictable: int         # k, the kept evictable positions per head
+
+
+def _layout(selector: Selector, is_image: Tensor, config: CompressionConfig,
+            evictable: Tensor | None, keep_multiple: int) -> _Layout:
+    """The score-free part of :func:`select_kept`: what is protected and how many evictable
+    positions every head keeps (rules 2 and 3 of the module docstring)."""
+    length = is_image.shape[0]
+    device = is_image.device
+    if keep_multiple < 1:
+        raise ValueError(f"keep_multiple must be >= 1, got {keep_multiple}")
+    num_recent = recent_tokens(length, config)
+    recent = torch.arange(length, device=device) >= length - num_recent
+    protected = recent.clone()
+    always_kept = selector.always_kept(is_image)
+    if always_kept is not None:
+        protected |= always_kept
+    if evictable is None:
+        evictable = torch.ones(length, dtype=torch.bool, device=device)
+
+    # The paper's count S of candidates kept per head, as if every position were evictable.
+    wanted = budget_tokens(length, config) - num_recent
+    num_selected = max(0, wanted - int((protected & ~recent).sum()))
+    num_candidates = length - int(protected.sum())
+    # The evictable candidates' proportional share of S, then k: layout only, never the scores.
+    num_evictable_candidates = int((evictable & ~protected).sum())
+    share = -(-num_selected * num_evictable_candidates // num_candidates) if num_candidates else 0
+    num_protected_evictable = int((protected & evictable).sum())
+    num_evictable = int(evictable.sum())
+    kept_evictable = min(_round_up(num_protected_evictable + share, keep_multiple), num_evictable)
+    if config.max_kv_tokens is not None:
+        # A cap, not a target: every non-evictable position is kept, the evictable ones get the
+        # room left under the cap, rounded DOWN to whole multiples (never below the protected).
+        room = max(0, config.max_kv_tokens - (length - num_evictable))
+        kept_evictable = min(kept_evictable, max(room // keep_multiple * keep_multiple,
+                                                 _round_up(num_protected_evictable,
+                                                           keep_multiple)))
+        kept_evictable = min(kept_evictable, num_evictable)
+    return _Layout(protected, evictable, num_protected_evictable, kept_evictable)
+
+
+def num_kept_evictable(selector: Selector, is_image: Tensor, config: CompressionConfig,
+                       evictable: Tensor | None = None, keep_multiple: int = 1) -> int:
+    """``k``, the evictable positions every head keeps (:func:`select_kept`'s
+    ``Selection.num_kept_evictable``), computed without scores: it never depends on them."""
+    return _layout(selector, is_image, config, evictable, keep_multiple).kept_evictable
+
+
 def select_kept(
     selector: Selector,
     scores: Tensor | None,
@@ -273,41 +326,15 @@ def select_kept(
     -------
     Selection
     """
-    length = is_image.shape[0]
-    device = is_image.device
-    if keep_multiple < 1:
-        raise ValueError(f"keep_multiple must be >= 1, got {keep_multiple}")
-    num_recent = recent_tokens(length, config)
-    recent = torch.arange(length, device=device) >= length - num_recent
-    protected = recent.clone()
-    always_kept = selector.always_kept(is_image)
-    if always_kept is not None:
-        protected |= always_kept
-    if evictable is None:
-        evictable = torch.ones(length, dtype=torch.bool, device=device)
-
-    # The paper's count S of candidates kept per head, as if every position were evictable.
-    wanted = budget_tokens(length, config) - num_recent
-    num_selected = max(0, wanted - int((protected & ~recent).sum()))
-    num_candidates = length - int(protected.sum())
-    # The evictable candidates' proportional share of S, then k: layout only, never the scores.
+    layout = _layout(selector, is_image, config, evictable, keep_multiple)
+    length, device = is_image.shape[0], is_image.device
+    protected, evictable = layout.protected, layout.evictable
     evictable_candidates = evictable & ~protected
-    num_evictable_candidates = int(evictable_candidates.sum())
-    share = -(-num_selected * num_evictable_candidates // num_candidates) if num_candidates else 0
-    num_protected_evictable = int((protected & evictable).sum())
-    num_evictable = int(evictable.sum())
-    kept_evictable = min(_round_up(num_protected_evictable + share, keep_multiple), num_evictable)
-    if config.max_kv_tokens is not None:
-        # A cap, not a target: every non-evictable position is kept, the evictable ones get the
-        # room left under the cap, rounded DOWN to whole multiples (never below the protected).
-        room = max(0, config.max_kv_tokens - (length - num_evictable))
-        kept_evictable = min(kept_evictable, max(room // keep_multiple * keep_multiple,
-                                                 _round_up(num_protected_evictable,
-                                                           keep_multiple)))
-        kept_evictable = min(kept_evictable, num_evictable)
+    kept_evictable, num_evictable = layout.kept_evictable, int(evictable.sum())
 
     # Every head: protected and non-evictable positions, then its best evictable candidates.
-    num_chosen = kept_evictable - num_protected_evictable
+    num_chosen = kept_evictable - layout.num_protected_evictable
+    num_evictable_candidates = int(evictable_candidates.sum())
     kept_mask = (protected | ~evictable).expand(num_heads, length).clone()
     if num_chosen >= num_evictable_candidates:
         kept_mask |= evictable

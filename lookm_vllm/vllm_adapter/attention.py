@@ -109,7 +109,9 @@ class LookMBuilderMixin:
         seq_lens_cpu = cm.seq_lens_cpu_upper_bound
         if seq_lens_cpu is None:  # not on the V1 runner's path; never expected
             seq_lens_cpu = cm.seq_lens.cpu()
-        work, holed = STATE.rows(cm.num_reqs, cm.query_start_loc_cpu, seq_lens_cpu)
+        source_table = cm.block_table_tensor
+        work, holed, deferred = STATE.rows(cm.num_reqs, cm.query_start_loc_cpu, seq_lens_cpu,
+                                           self.kv_cache_spec.block_size)
         if holed:
             block_table, seq_lens, lens_cpu = compacted_view(
                 cm.block_table_tensor, cm.seq_lens, seq_lens_cpu, holed,
@@ -121,11 +123,14 @@ class LookMBuilderMixin:
             cm = replace(cm, **changes)
         metadata = super().build(common_prefix_len, cm, fast_build)
         metadata.lookm_work = work
+        metadata.lookm_deferred = deferred
+        metadata.lookm_source_table = source_table   # uncompacted rows, for the compression
         return metadata
 
 
 class LookMImplMixin:
-    """Runs the stock attention, then scores/compresses this layer for the step's prompt rows."""
+    """Compresses this layer for requests whose prompt completed in an earlier step, runs the
+    stock attention, then scores this layer for the step's prompt rows."""
 
     layout: KVLayout
 
@@ -136,6 +141,12 @@ class LookMImplMixin:
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
+        deferred = getattr(attn_metadata, "lookm_deferred", None)
+        if deferred:  # before the attention: it reads the compacted view of these rows
+            with torch.inference_mode():
+                STATE.compress_deferred(layer.layer_name, deferred, kv_cache,
+                                        attn_metadata.lookm_source_table, self.layout,
+                                        self.scale, self.lookm_codec(layer, kv_cache))
         result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale)
         work = getattr(attn_metadata, "lookm_work", None)

@@ -136,6 +136,9 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
     new_keys, new_values = _stored_rows(out, stored_keys, stored_values, codec)
     kept_region_blocks = out.num_kept_evictable // block_size
     holes = evictable_blocks[kept_region_blocks:]
+    if holes != plan.holes(block_size):   # the read view may be built from the plan's holes
+        raise RuntimeError(f"compression freed blocks {holes}, the plan said "
+                           f"{plan.holes(block_size)}")
     row = block_row if targets is None else redirected_row(block_row, holes, targets,
                                                            length // block_size)
     index = _slot_index(row, logical, block_size)

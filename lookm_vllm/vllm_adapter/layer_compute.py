@@ -1,9 +1,16 @@
 """Per-layer work of one compressed request inside an attention forward. No vLLM import.
 
-Called right after the stock attention of a layer wrote ``output`` for every query row of the
-step: scores the request's prompt queries against the paged keys, and in the chunk that
-completes the prompt, compresses the layer in place (``compaction.compact_prompt``). Device work
-is timed with :class:`DeviceTimer` (CUDA events, never a synchronisation).
+:func:`process_request_layer` runs right after the stock attention of a layer wrote ``output``
+for every query row of the step: it scores the request's prompt queries against the paged keys.
+The chunk that completes the prompt does not compress: the first output token comes from the
+uncompressed prefill anyway, so compression is *deferred* to the request's next step
+(:func:`compress_deferred_layer`, right BEFORE that step's attention of the layer), off the path
+of the first token (TTFT). Its last scoring queries (at most :data:`DEFER_SCORING_QUERIES`, e.g.
+the window of window scoring) are kept and scored then too. The next step's read view already
+leaves out the plan's holes (``RequestPlan.holes``: known without scores), and every layer is
+compressed before its attention reads the cache. Only a replay after preemption (a chunk that
+completes the prompt AND holds output tokens, which first saw the compressed cache) compresses
+at once. Device work is timed with :class:`DeviceTimer` (CUDA events, never a synchronisation).
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from .compaction import (
 )
 from .kv_layout import KVCodec, PlainCodec
 from .plan import RequestPlan
+
+# Scoring queries of the prompt's last chunk kept for the next step (per layer: [n, Hq, d]);
+# more than this (full scoring of a long last chunk) are scored in the prefill step itself.
+DEFER_SCORING_QUERIES = 512
 
 # Set LOOKM_DEBUG_DUMP_DIR to save, per request and compressed layer, the kept KV read back from
 # the paged cache (tests compare it with lookm_vllm.core on transformers' KV).
@@ -92,6 +103,10 @@ class WorkerRequest:
     targets: list[int] | None = None
     skip: bool = False
     row: Tensor | None = None
+    # Deferred compression: the prompt is complete and the next step compresses it (before its
+    # attention); per layer, the last chunk's scoring queries not scored yet (query, first).
+    deferred: bool = False
+    deferred_queries: dict[str, tuple[Tensor, int]] = field(default_factory=dict)
 
     @property
     def compressed(self) -> bool:
@@ -132,24 +147,56 @@ def process_request_layer(req_id: str, req: WorkerRequest, item: RowWork, layer_
     plan = req.plan
     end = min(item.position_start + item.num_tokens, plan.prompt_len)
     completes_prompt = end == plan.prompt_len and item.position_start + item.num_tokens >= end
+    # Rows past the prompt: a preempted request replaying its outputs, which saw the compressed
+    # cache when first decoded: compress now and redo their attention.
+    replay = item.position_start + item.num_tokens > plan.prompt_len
     n_scoring = plan.num_scoring_queries
     first = max(item.position_start, plan.prompt_len - n_scoring)
+    offset = item.token_start + first - item.position_start
     stored_keys = None
-    if n_scoring and first < end:
-        with req.scoring.interval(key_cache.device):
-            acc = req.accumulators.get(layer_name)
-            if acc is None:
-                acc = req.accumulators[layer_name] = AttentionAccumulator(key_cache.shape[1],
-                                                                          scale=scale)
-            offset = item.token_start + first - item.position_start
-            stored_keys = gather_keys(key_cache, block_row, end)                # values unused
-            acc.update(query[offset:offset + end - first].transpose(0, 1),
-                       codec.decode(stored_keys, "key"), query_start=first)
-    if completes_prompt:
-        _compress_layer(req_id, req, layer_name, key_cache, value_cache, block_row, stored_keys,
-                        codec)
-        _attend_past_prompt(req, item, query, output, key_cache, value_cache, block_row, scale,
-                            codec)
+    if completes_prompt and not replay and 0 < end - first <= DEFER_SCORING_QUERIES:
+        req.deferred_queries[layer_name] = (query[offset:offset + end - first].clone(), first)
+    elif n_scoring and first < end:
+        stored_keys = _score(req, layer_name, query[offset:offset + end - first], first, end,
+                             key_cache, block_row, scale, codec)
+    if not completes_prompt:
+        return
+    if not replay:
+        req.deferred = True
+        return
+    _compress_layer(req_id, req, layer_name, key_cache, value_cache, block_row, stored_keys,
+                    codec)
+    _attend_past_prompt(req, item, query, output, key_cache, value_cache, block_row, scale, codec)
+
+
+def compress_deferred_layer(req_id: str, req: WorkerRequest, layer_name: str,
+                            key_cache: Tensor, value_cache: Tensor, block_row: Tensor,
+                            scale: float, codec: KVCodec) -> None:
+    """Compress one layer of a request whose prompt completed in an earlier step, before this
+    step's attention of the layer: score its kept queries, then compact (``block_row``: the
+    request's original, uncompacted block row)."""
+    stored_keys = None
+    pending = req.deferred_queries.pop(layer_name, None)
+    if pending is not None:
+        queries, first = pending
+        stored_keys = _score(req, layer_name, queries, first, req.plan.prompt_len, key_cache,
+                             block_row, scale, codec)
+    _compress_layer(req_id, req, layer_name, key_cache, value_cache, block_row, stored_keys,
+                    codec)
+
+
+def _score(req: WorkerRequest, layer_name: str, queries: Tensor, first: int, end: int,
+           key_cache: Tensor, block_row: Tensor, scale: float, codec: KVCodec) -> Tensor:
+    """Add the attention of prompt queries ``[first, end)`` (``queries`` ``[n, Hq, d]``) to the
+    layer's scores; returns the stored keys of positions ``[0, end)`` it gathered."""
+    with req.scoring.interval(key_cache.device):
+        acc = req.accumulators.get(layer_name)
+        if acc is None:
+            acc = req.accumulators[layer_name] = AttentionAccumulator(key_cache.shape[1],
+                                                                      scale=scale)
+        stored_keys = gather_keys(key_cache, block_row, end)                # values unused
+        acc.update(queries.transpose(0, 1), codec.decode(stored_keys, "key"), query_start=first)
+    return stored_keys
 
 
 def _compress_layer(req_id: str, req: WorkerRequest, layer_name: str, key_cache: Tensor,
@@ -173,6 +220,7 @@ def _compress_layer(req_id: str, req: WorkerRequest, layer_name: str, key_cache:
     if req.holes is None:
         req.holes, req.num_kept = result.holes, result.num_kept
         req.row = result.row
+        req.deferred = False
         req.hole_map = HoleMap.from_holes(
             result.holes, req.targets if result.holes and req.targets is not None else None)
     elif req.holes != result.holes:  # the plan is score-independent: this cannot differ

@@ -23,6 +23,7 @@ from lookm_vllm.core import (
     scoring_queries,
     selector_for,
 )
+from lookm_vllm.core.selection import num_kept_evictable
 
 # Modality ids of prompt positions (``RequestPlan.modality``, ``core.compress(modality=...)``).
 TEXT, IMAGE, VIDEO = 0, 1, 2
@@ -115,6 +116,22 @@ class RequestPlan:
             return list(range(num_blocks))
         pinned = always_kept[:num_blocks * block_size].view(num_blocks, block_size).any(dim=1)
         return (~pinned).nonzero().flatten().tolist()
+
+    def holes(self, block_size: int) -> list[int]:
+        """The prompt blocks compression frees, ascending: the evictable blocks after the
+        ``k / block_size`` that the kept evictable entries are packed into. ``k`` depends on the
+        layout, the config and the block size only (``core.selection``), so this is known
+        before any score, exactly as every layer and rank will find it."""
+        key = ("holes", block_size)
+        if key not in self._memo:
+            evictable = self.evictable_blocks(block_size)
+            kept = 0
+            if evictable:
+                kept = num_kept_evictable(selector_for(self.config), self.is_image(),
+                                          self.config, self.evictable_mask(block_size),
+                                          block_size) // block_size
+            self._memo[key] = tuple(evictable[kept:])
+        return list(self._memo[key])
 
     def evictable_block_ids(self, block_size: int, device=None) -> torch.Tensor:
         """int64 :meth:`evictable_blocks` as a tensor on ``device``."""

@@ -19,11 +19,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import torch
-
-from lookm_vllm.core import selector_for
-from lookm_vllm.core.selection import select_kept
-
 from .plan import RequestPlan
 
 SALTED_ATTR = "lookm_unsalted"
@@ -37,16 +32,8 @@ def hit_cap(plan: RequestPlan, block_size: int) -> int:
 
 
 def num_holes(plan: RequestPlan, block_size: int) -> int:
-    """Prompt blocks compression will free. The kept count depends on the layout, the config
-    and the block size only (``core.selection``), so it is computed here without scores, exactly
-    as every layer and rank computes it."""
-    evictable = plan.evictable_blocks(block_size)
-    if not evictable:
-        return 0
-    length = plan.prompt_len
-    selection = select_kept(selector_for(plan.config), torch.zeros(1, length), plan.is_image(),
-                            plan.config, 1, plan.evictable_mask(block_size), block_size)
-    return len(evictable) - selection.num_kept_evictable // block_size
+    """Prompt blocks compression will free (``RequestPlan.holes``: known without scores)."""
+    return len(plan.holes(block_size))
 
 
 def _salted(block_hash: Any, salt: bytes) -> Any:

@@ -4,9 +4,10 @@ One ``WorkerState`` per worker process (module global ``STATE``), fed by three v
 - the runner hook records the request order of the step's batch (rows of the attention metadata);
 - the connector's ``handle_preemptions`` (the first hook of a step) adds plans and drops
   finished/preempted requests;
-- the attention backend asks :meth:`WorkerState.rows` what each row needs (scoring work, or a
-  compacted read view) and runs :meth:`WorkerState.process_layer` after each layer's attention
-  (the per-layer compute lives in ``layer_compute``).
+- the attention backend asks :meth:`WorkerState.rows` what each row needs (scoring work, a
+  deferred compression, a compacted read view), runs :meth:`WorkerState.compress_deferred`
+  before each layer's attention and :meth:`WorkerState.process_layer` after it (the per-layer
+  compute lives in ``layer_compute``).
 The connector's ``build_connector_worker_meta`` then ships the step's results to the scheduler:
 the holes as soon as a request is compressed, its device timings once they are measured.
 """
@@ -19,7 +20,13 @@ from torch import Tensor
 
 from .compaction import HoleMap
 from .kv_layout import KVCodec, KVLayout, PlainCodec
-from .layer_compute import DUMP_ENV, RowWork, WorkerRequest, process_request_layer
+from .layer_compute import (
+    DUMP_ENV,
+    RowWork,
+    WorkerRequest,
+    compress_deferred_layer,
+    process_request_layer,
+)
 from .plan import RequestPlan
 
 __all__ = ["DUMP_ENV", "STATE", "RowWork", "WorkerRequest", "WorkerState"]
@@ -56,17 +63,19 @@ class WorkerState:
         return results
 
     # --- attention metadata (builder) ----------------------------------------------------
-    def rows(self, num_reqs: int, query_start_loc: Tensor, seq_lens: Tensor
-             ) -> tuple[list[RowWork], list[tuple[int, HoleMap]]]:
-        """Split this step's rows into prefill work and compacted-read rows.
+    def rows(self, num_reqs: int, query_start_loc: Tensor, seq_lens: Tensor, block_size: int
+             ) -> tuple[list[RowWork], list[tuple[int, HoleMap]], list[RowWork]]:
+        """Split this step's rows into prefill work, deferred compressions and compacted reads.
 
         ``query_start_loc`` and ``seq_lens`` are the CPU copies (exact: no speculative decoding).
-        Returns ``(work, holed)``: rows whose prompt is (partly) in this step, and
-        ``(row, holes)`` for rows reading a compressed cache.
+        Returns ``(work, holed, deferred)``: rows whose prompt is (partly) in this step, rows
+        reading a compressed cache ``(row, holes)``, and rows whose prompt this step compresses
+        before each layer's attention (they are in ``holed`` too, with the plan's holes: every
+        layer is compressed before its attention reads the view).
         """
-        work, holed = [], []
+        work, holed, deferred = [], [], []
         if not self.requests:
-            return work, holed
+            return work, holed, deferred
         qsl = query_start_loc.tolist()
         lens = seq_lens.tolist()
         for row, req_id in enumerate(self.step_req_ids[:num_reqs]):
@@ -78,9 +87,15 @@ class WorkerState:
             if req.compressed:
                 if req.holes:
                     holed.append((row, req.hole_map))
+            elif req.deferred:
+                deferred.append(RowWork(req_id, row, qsl[row], start, num_tokens))
+                holes = [] if req.skip else req.plan.holes(block_size)
+                if holes:
+                    req.hole_map = HoleMap.from_holes(holes, req.targets)
+                    holed.append((row, req.hole_map))
             elif start < req.plan.prompt_len:
                 work.append(RowWork(req_id, row, qsl[row], start, num_tokens))
-        return work, holed
+        return work, holed, deferred
 
     # --- attention forward -----------------------------------------------------------------
     def process_layer(self, layer_name: str, work: list[RowWork], query: Tensor, output: Tensor,
@@ -98,6 +113,19 @@ class WorkerState:
             process_request_layer(item.req_id, self.requests[item.req_id], item, layer_name,
                                   query, output, key_cache, value_cache, block_table[item.row],
                                   scale, codec)
+
+    def compress_deferred(self, layer_name: str, deferred: list[RowWork], kv_cache: Tensor,
+                          block_table: Tensor, layout: KVLayout, scale: float,
+                          codec: KVCodec | None = None) -> None:
+        """Compress this layer of the requests whose prompt completed in an earlier step,
+        before this step's attention of the layer reads the compacted view. ``block_table``:
+        the runner's (uncompacted) block table of the step."""
+        key_cache, value_cache = layout.split(kv_cache)
+        codec = codec or PlainCodec(key_cache.dtype)
+        for item in deferred:
+            req = self.requests[item.req_id]
+            compress_deferred_layer(item.req_id, req, layer_name, key_cache, value_cache,
+                                    block_table[item.row], scale, codec)
 
     def finish_step(self) -> None:
         """Record what to report after the forward: the holes of requests compressed in this
