@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+import lookm_vllm.core.scoring as scoring_module
 from lookm_vllm.core import CompressionConfig, accumulated_attention, compress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     compress(keys, values, scores, is_image, CompressionConfig())
 
     rows: list[tuple[str, list[float]]] = [
+        ("QK^T matmul floor (full scoring's blocks)",
+         time_ms(lambda: matmul_floor(queries, keys), args.repeat)),
         ("full scoring (all queries)",
          time_ms(lambda: accumulated_attention(queries, keys), args.repeat)),
         (f"window scoring (W={args.window})",
@@ -90,6 +93,30 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'step':<{width}}  {'median ms':>10}  {'min ms':>10}")
     for name, times in rows:
         print(f"{name:<{width}}  {statistics.median(times):>10.1f}  {min(times):>10.1f}")
+    median = {name: statistics.median(times) for name, times in rows}
+    floor, full = median["QK^T matmul floor (full scoring's blocks)"], \
+        median["full scoring (all queries)"]
+    plain = median["compress lookm, merge=none"]
+    pivotal_merge = median["compress lookm, merge=pivotal"] - plain
+    print(f"\nfull scoring / matmul floor: {full / floor:.2f}x (target <= 2x)")
+    print(f"pivotal merge (compress pivotal - compress none): {pivotal_merge:.1f} ms = "
+          f"{100 * pivotal_merge / full:.1f} % of full scoring (target <= 25 %)")
+
+
+def matmul_floor(queries: torch.Tensor, keys: torch.Tensor) -> None:
+    """Only the ``Q K^T`` products full scoring computes: the same causal row blocks and key
+    cuts as ``AttentionAccumulator`` on the CPU, as plain ``torch.bmm`` (no softmax, no sums)."""
+    num_q_heads, length, head_dim = queries.shape
+    num_kv_heads = keys.shape[0]
+    group = num_q_heads // num_kv_heads
+    q = queries.float().reshape(num_kv_heads, group, length, head_dim)
+    k = keys.float()
+    step = max(scoring_module._CPU_MIN_ROWS,
+               scoring_module._CPU_BLOCK_ELEMENTS // (num_q_heads * length))
+    for first in range(0, length, step):
+        last = min(first + step, length)
+        block = q[:, :, first:last].reshape(num_kv_heads, -1, head_dim)
+        torch.bmm(block, k[:, :last].transpose(1, 2))
 
 
 if __name__ == "__main__":

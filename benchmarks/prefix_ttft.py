@@ -3,7 +3,9 @@ lookm-serve (LOOK-M with window scoring, and with full scoring), side by side in
 
 Each conversation sends ``--images`` distinct photos and a question, then re-sends the whole
 history (the images, the model's answer as the assistant turn) with a new question, as a chat
-client does; ``--max-tokens`` output tokens per turn, greedy, streamed (TTFT = the first chunk).
+client does; ``--max-tokens`` output tokens per turn, greedy, streamed (TTFT = the first chunk;
+the time to the second token is reported too, since LOOK-M compresses in the step after the first
+token: its cost shows there).
 Both servers run at once with the same CPU binding (``VLLM_CPU_NUM_OF_RESERVED_CPU=1``), one
 request at a time, the arms' conversations interleaved, ``--think-s`` seconds before each turn
 (without it, one arm's turn-1 TTFTs were 5x those of the same requests sent to its server
@@ -60,7 +62,7 @@ def conversation(client, url: str, model: str, images: list[str], turns: int, ma
         if kv_compression is not None:
             body["kv_compression"] = kv_compression
         time.sleep(think_s)
-        text, usage, ttft = [], {}, None
+        text, usage, ttft, token_times = [], {}, None, []
         start = time.perf_counter()
         with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
@@ -71,13 +73,18 @@ def conversation(client, url: str, model: str, images: list[str], turns: int, ma
                 if data.get("choices"):
                     if ttft is None:
                         ttft = time.perf_counter() - start
-                    text.append(data["choices"][0]["delta"].get("content") or "")
+                    piece = data["choices"][0]["delta"].get("content") or ""
+                    if piece:
+                        token_times.append(time.perf_counter() - start)
+                    text.append(piece)
                 if data.get("usage"):
                     usage = data["usage"]
         total = time.perf_counter() - start
         messages.append({"role": "assistant", "content": "".join(text)})
         details = usage.get("prompt_tokens_details") or {}
-        results.append({"turn": turn + 1, "ttft_s": round(ttft, 4), "total_s": round(total, 4),
+        second = round(token_times[1], 4) if len(token_times) > 1 else None
+        results.append({"turn": turn + 1, "ttft_s": round(ttft, 4), "second_token_s": second,
+                        "total_s": round(total, 4),
                         "prompt_tokens": usage.get("prompt_tokens"),
                         "cached_tokens": details.get("cached_tokens"),
                         "kv_compression": usage.get("kv_compression")})
@@ -119,8 +126,13 @@ def summarize(chats: list[list[dict]], turns: int) -> list[dict[str, Any]]:
         ttfts = [c[t]["ttft_s"] for c in chats]
         cached = [c[t]["cached_tokens"] for c in chats]
         usage = [c[t]["kv_compression"] or {} for c in chats]
+        seconds = [c[t]["second_token_s"] for c in chats]
         rows.append({"turn": t + 1, "ttft_median_s": round(statistics.median(ttfts), 4),
                      "ttft_min_s": min(ttfts), "ttft_max_s": max(ttfts),
+                     "second_token_median_s": (round(statistics.median(seconds), 4)
+                                               if None not in seconds else None),
+                     "total_median_s": round(statistics.median(c[t]["total_s"]
+                                                               for c in chats), 4),
                      "prompt_tokens": statistics.median(c[t]["prompt_tokens"] for c in chats),
                      "cached_tokens_median": (statistics.median(cached)
                                               if None not in cached else None),
@@ -147,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     from lookm_vllm.demo.tiny_models import build_tiny_llava, vllm_server_args
 
     path = build_tiny_llava()
-    arms = [("stock", "stock", None), ("lookm_window", "lookm", WINDOW),
-            ("lookm_full", "lookm", FULL)]
+    # lookm_off: lookm-serve without compression, the plugin's own cost (connector, server)
+    arms = [("stock", "stock", None), ("lookm_off", "lookm", None),
+            ("lookm_window", "lookm", WINDOW), ("lookm_full", "lookm", FULL)]
     needed = args.images * len(arms) * (1 + args.conversations)
     urls = [image_to_data_url(img, "JPEG") for img in test_images(needed)]
     server_args = vllm_server_args(path, max_images=args.images, prefix_caching=True)
@@ -199,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{row['ttft_median_s']:.3f}{ratio} c{row['cached_tokens_median']}"
                          .rjust(22))
         print(f"{t + 1:>4} | " + " | ".join(cells))
+    print("\nmedian time to the SECOND output token (s): LOOK-M compresses in the step after "
+          "the first token, so its cost shows here, not in the TTFT")
+    for t in range(args.turns):
+        print(f"{t + 1:>4} | " + " | ".join(
+            f"{rows[t]['second_token_median_s']}".rjust(22) for rows in table.values()))
     verdict = "MET" if report["target_met"] else "MISSED"
     print(f"\ntarget {report['target']}: {verdict} ({later})")
     print(f"wrote {out}")

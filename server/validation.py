@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import os
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -147,7 +150,29 @@ def compression_config(body: dict[str, Any]) -> CompressionConfig | None:
     return None
 
 
+# Digests of image data URLs that passed _check_data_image: a chat re-sends its images every
+# turn, and a full decode of each (~1 ms per photo on one core) would be repeated per turn.
+# Only successes are remembered; the checks run in worker threads, hence the lock.
+VALIDATED_IMAGES_MAX = 4096
+_validated_images: OrderedDict[bytes, None] = OrderedDict()
+_validated_lock = threading.Lock()
+
+
 def _check_data_image(url: str, param: str) -> None:
+    key = hashlib.blake2b(url.encode(), digest_size=16).digest()
+    with _validated_lock:
+        if key in _validated_images:
+            _validated_images.move_to_end(key)
+            return
+    _decode_data_image(url, param)
+    with _validated_lock:
+        _validated_images[key] = None
+        while len(_validated_images) > VALIDATED_IMAGES_MAX:
+            _validated_images.popitem(last=False)
+
+
+def _decode_data_image(url: str, param: str) -> None:
+    """Raise ``RequestError`` unless ``url`` is a base64 data URL of an image that decodes."""
     match = _DATA_URL.fullmatch(url)
     if match is None:
         raise RequestError("malformed data URL", param)

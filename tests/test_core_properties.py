@@ -550,3 +550,39 @@ def expected_kept_evictable_at_cap(config, is_image, evictable, keep_multiple):
     share = -(-selected * int((~protected & evictable).sum()) // candidates) if candidates else 0
     rounded = -(-(int((protected & evictable).sum()) + share) // keep_multiple) * keep_multiple
     return min(rounded, int(evictable.sum()))
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["all", "groups"])
+def test_assign_to_kept_matches_a_brute_force_search(grouped):
+    """The blocked, per-group similarity search against one evicted token at a time: the most
+    cosine-similar allowed kept token (first of equals), dropped when none is allowed."""
+    from lookm_vllm.core import assign_to_kept
+
+    g = torch.Generator().manual_seed(11)
+    kept = torch.randn(3, 40, 16, generator=g, dtype=torch.float64)
+    evicted = torch.randn(3, 60, 16, generator=g, dtype=torch.float64)
+    kept[0, 7] = kept[0, 3]                       # an exact tie: the first one wins
+    kept_group = evicted_group = None
+    if grouped:  # kept group -1 receives nothing; group 2 has receivers in head 2 only
+        kept_group = torch.randint(-1, 2, (3, 40), generator=g)
+        kept_group[2, :5] = 2
+        evicted_group = torch.randint(0, 3, (3, 60), generator=g)
+        evicted_group[1, :4] = -1
+    result = assign_to_kept(kept, evicted, kept_group, evicted_group, kernel="torch")
+    cos = torch.nn.functional.cosine_similarity(evicted[:, :, None], kept[:, None], dim=-1)
+    for h in range(3):
+        for j in range(60):
+            allowed = torch.ones(40, dtype=torch.bool)
+            if grouped:
+                allowed = (kept_group[h] == evicted_group[h, j]) & (kept_group[h] >= 0)
+            if not allowed.any():
+                assert not result.valid[h, j]
+                continue
+            best = cos[h, j].masked_fill(~allowed, float("-inf"))
+            assert result.valid[h, j]
+            assert torch.isclose(result.similarity[h, j], best.max(), rtol=0, atol=1e-12)
+            # the chosen one is (one of) the best; among exact equals, the first
+            chosen = int(result.target[h, j])
+            assert allowed[chosen] and torch.isclose(best[chosen], best.max(), atol=1e-12)
+            assert chosen == int(torch.nonzero(best >= best[chosen] - 1e-12)[0])
+    assert grouped is False or not result.valid[1, :4].any()

@@ -165,3 +165,26 @@ def test_rechained_hashes_are_ordinary_below_the_cap_and_private_from_it():
     late = FakeRequest(tokens)
     rechain_hashes(late, 20, "x")
     assert late.block_hashes == plain.block_hashes[:60 // BS]
+
+
+def test_after_the_lookup_the_full_prompt_blocks_publish_ordinary_hashes():
+    """Capped for the lookup, then (``salt_at`` = the prompt's full blocks) ordinary up to the
+    prompt's last full block, so the next turn hits the whole earlier prompt; blocks holding
+    output tokens stay private; capping again (no room, or a preemption) restores the lookup
+    state."""
+    prompt, pf = list(range(60)), 60 // BS               # 7 full prompt blocks
+    plain, req = FakeRequest(prompt), FakeRequest(prompt)
+    rechain_hashes(req, 3, "s")                          # the lookup state
+    assert req.block_hashes[:3] == plain.block_hashes[:3]
+    assert not set(req.block_hashes[3:]) & set(plain.block_hashes)
+    rechain_hashes(req, 3, "s", salt_at=pf)              # published state
+    assert req.block_hashes == plain.block_hashes[:pf]
+    for r in (plain, req):                               # outputs fill blocks 7.. (block 7 has
+        r.append(list(range(100, 130)))                  # prompt tail and outputs)
+    assert req.block_hashes[:pf] == plain.block_hashes[:pf]
+    assert not set(req.block_hashes[pf:]) & set(plain.block_hashes)
+    rechain_hashes(req, 3, "t")                          # capped again
+    assert req.block_hashes[:3] == plain.block_hashes[:3]
+    assert not set(req.block_hashes[3:]) & set(plain.block_hashes)
+    with pytest.raises(ValueError):
+        rechain_hashes(req, 3, "s", salt_at=2)

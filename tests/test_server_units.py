@@ -440,3 +440,30 @@ def test_cli_picks_flash_attention_on_cuda(monkeypatch, argv, backend):
     assert not (args.attention_backend and args.attention_config.backend)  # vLLM: exclusive
     monkeypatch.setattr(cli, "_serves_on_cuda", lambda: False)
     assert cli.parse_args(["--model", "/m"]).attention_backend is None  # CPU: vLLM's choice
+
+
+def test_an_image_is_decoded_once_however_often_it_is_sent(photo_url, monkeypatch):
+    """A chat re-sends its images every turn: a data URL that passed is not decoded again (by
+    its digest), while a broken one is refused every time (failures are not remembered)."""
+    from PIL import Image
+
+    from lookm_vllm.server import validation
+
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(validation, "_validated_images", type(validation._validated_images)())
+    body = chat(image(photo_url), image(photo_url))
+    check_media(body, RequestPolicy())
+    check_media(body, RequestPolicy())
+    assert len(opened) == 1
+    truncated = "data:image/jpeg;base64," + _b64(image_to_bytes(test_images(1)[0], "JPEG")[:200])
+    for _ in range(2):
+        with pytest.raises(RequestError, match="does not decode"):
+            check_media(chat(image(truncated)), RequestPolicy())
+    assert len(opened) == 3
+    # the memory is bounded: with room for nothing, every check decodes again
+    monkeypatch.setattr(validation, "VALIDATED_IMAGES_MAX", 0)
+    validation._validated_images.clear()
+    check_media(body, RequestPolicy())
+    assert len(opened) == 5 and not validation._validated_images

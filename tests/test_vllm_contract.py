@@ -373,3 +373,14 @@ def test_prefix_cache_names():
     assert (schedule.index("allocate_slots(") < schedule.index("_build_kv_connector_meta(")
             < schedule.index("_update_after_schedule(scheduler_output)"))
     assert "if not preempted_reqs" in schedule
+    # a waiting request's local lookup reads its block hashes, then the connector's
+    # get_num_new_matched_tokens runs (LOOK-M switches the hashes to their published state
+    # there), then allocate_slots publishes its new full blocks; lookups happen only while
+    # nothing of the request is computed
+    lookup = schedule.index("self._get_local_prefix_cache_hit(request)")
+    assert "if request.num_computed_tokens == 0:" in schedule[:lookup]
+    assert (lookup < schedule.index(".get_num_new_matched_tokens(", lookup)
+            < schedule.index("allocate_slots(", lookup))
+    assert "get_computed_blocks(request)" in inspect.getsource(
+        Scheduler._get_local_prefix_cache_hit)
+    assert "request.block_hashes" in inspect.getsource(BlockPool.cache_full_blocks)

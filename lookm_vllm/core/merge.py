@@ -82,22 +82,73 @@ def assign_to_kept(
         return Assignment(*triton_cosine_argmax(kept_keys, evicted_keys, kept_group,
                                                 evicted_group))
     num_heads, num_evicted, _ = evicted_keys.shape
-    num_kept = kept_keys.shape[1]
-    kept_unit = torch.nn.functional.normalize(kept_keys, dim=-1).transpose(1, 2)
+    kept_unit = torch.nn.functional.normalize(kept_keys, dim=-1)
     evicted_unit = torch.nn.functional.normalize(evicted_keys, dim=-1)
-    similarity = evicted_keys.new_empty(num_heads, num_evicted)
-    target = torch.empty(num_heads, num_evicted, dtype=torch.int64, device=evicted_keys.device)
+    similarity = evicted_keys.new_full((num_heads, num_evicted), float("-inf"))
+    target = torch.zeros(num_heads, num_evicted, dtype=torch.int64, device=evicted_keys.device)
+    if kept_group is None or evicted_group is None:
+        _best_kept(evicted_unit, kept_unit, similarity, target)
+    else:
+        # One group at a time, on the group's own rows and columns only (each head's senders and
+        # receivers of the group, gathered and padded): no [H, E, K] mask, and no similarity
+        # of a token with a kept token it may not merge into is computed at all.
+        for group in torch.unique(evicted_group).tolist():
+            if group < 0:
+                continue
+            senders, rows = _members(evicted_group == group)
+            receivers, columns = _members(kept_group == group)
+            if senders.shape[1] == 0 or receivers.shape[1] == 0:
+                continue
+            group_similarity = similarity.new_full(senders.shape, float("-inf"))
+            group_target = torch.zeros_like(senders)
+            _best_kept(_rows(evicted_unit, senders), _rows(kept_unit, receivers),
+                       group_similarity, group_target, columns)
+            group_target = receivers.gather(1, group_target)       # back to kept indices
+            # padded sender rows point at other groups' tokens: write their values back as is
+            similarity.scatter_(1, senders, torch.where(rows, group_similarity,
+                                                        similarity.gather(1, senders)))
+            target.scatter_(1, senders, torch.where(rows, group_target,
+                                                    target.gather(1, senders)))
+    valid = torch.isfinite(similarity)
+    return Assignment(target=target, similarity=similarity, valid=valid)
+
+
+def _members(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's True positions, ascending, padded to the longest row: ``(index, real)``, both
+    ``[H, n]`` (padding indexes some False position; ``real`` is False there)."""
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if mask.numel() else 0
+    index = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    real = torch.arange(width, device=mask.device) < counts[:, None]
+    return index, real
+
+
+def _rows(tensor: Tensor, index: Tensor) -> Tensor:
+    return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+
+
+def _best_kept(evicted_unit: Tensor, kept_unit: Tensor, similarity: Tensor, target: Tensor,
+               columns: Tensor | None = None) -> None:
+    """Fill ``similarity`` / ``target`` ``[H, E]`` with each evicted row's best kept row (cosine,
+    first of equals); ``columns`` ``[H, K]``: False marks padding kept rows, never chosen."""
+    num_heads, num_evicted, _ = evicted_unit.shape
+    num_kept = kept_unit.shape[1]
+    kept_t = kept_unit.transpose(1, 2)
+    bias = None
+    if columns is not None and not bool(columns.all()):
+        bias = torch.zeros(num_heads, 1, num_kept, dtype=kept_unit.dtype,
+                           device=kept_unit.device).masked_fill_(~columns[:, None, :],
+                                                                 float("-inf"))
     # Rows in blocks: the similarity matrix of a long prompt would not fit in memory at once.
     step = max(1, _MAX_BLOCK_ELEMENTS // max(1, num_heads * num_kept))
     for first in range(0, num_evicted, step):
         last = min(first + step, num_evicted)
-        block = torch.bmm(evicted_unit[:, first:last], kept_unit)
-        if kept_group is not None and evicted_group is not None:
-            allowed = evicted_group[:, first:last, None] == kept_group[:, None, :]
-            block.masked_fill_(~allowed, float("-inf"))
+        if bias is None:
+            block = torch.bmm(evicted_unit[:, first:last], kept_t)
+        else:
+            block = torch.baddbmm(bias.expand(-1, last - first, -1), evicted_unit[:, first:last],
+                                  kept_t)
         similarity[:, first:last], target[:, first:last] = block.max(dim=-1)
-    valid = torch.isfinite(similarity)
-    return Assignment(target=target, similarity=similarity, valid=valid)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,10 @@ class _SchedRequest:
     private: list | None = None
     reused_tokens: int = 0
     skipped: str | None = None
+    # Prefix caching: the block-hash salt of this epoch, and whether the hashes are in their
+    # published state (ordinary up to the prompt's last full block) or capped for a lookup.
+    salt: str = ""
+    published: bool = False
 
 
 def media_spans(request: Any, modality: str = "image") -> tuple[tuple[int, int], ...]:
@@ -198,6 +202,7 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
                              f"['default']): {exc}") from exc
         self._requests: dict[str, _SchedRequest] = {}
         self._drop: list[str] = []
+        self._looked_up: list[str] = []
         cache_config = vllm_config.cache_config
         self._prefix_caching = bool(cache_config.enable_prefix_caching)
         self._block_size = cache_config.block_size
@@ -216,6 +221,15 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
         return True
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        # Called right after vLLM's local prefix-cache lookup of a waiting request, before its
+        # blocks are allocated (and published): the lookup read the capped hashes; from now on
+        # its full prompt blocks carry their ordinary hashes (prefix_cache.py).
+        state = self._requests.get(request.request_id)
+        if self._prefix_caching and state is not None and not state.published:
+            rechain_hashes(request, hit_cap(state.plan, self._block_size), state.salt,
+                           salt_at=state.plan.prompt_len // self._block_size)
+            state.published = True
+            self._looked_up.append(request.request_id)
         return 0, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
@@ -259,15 +273,27 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
             return
         plan = RequestPlan(config, request.num_prompt_tokens, image_spans(request),
                            video_spans=media_spans(request, "video"))
-        self._requests[request.request_id] = _SchedRequest(plan, request=request)
+        state = self._requests[request.request_id] = _SchedRequest(plan, request=request)
         if self._prefix_caching:
             # Reads the cached prompt blocks its scoring does not recompute; every later block
-            # gets a private hash (prefix_cache.py).
-            rechain_hashes(request, hit_cap(plan, self._block_size), f"lookm:{uuid.uuid4().hex}")
+            # gets a private hash until the lookup is done (prefix_cache.py).
+            self._cap_hashes(state)
+
+    def _cap_hashes(self, state: _SchedRequest) -> None:
+        """Hashes for a prefix-cache lookup: ordinary below the hit cap, salted (a new salt)
+        from it on."""
+        state.salt, state.published = f"lookm:{uuid.uuid4().hex}", False
+        rechain_hashes(state.request, hit_cap(state.plan, self._block_size), state.salt)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         meta = LookMMetadata(drop=self._drop)
         self._drop = []
+        # Looked up in this pass but not scheduled (no room): capped again for the next lookup.
+        for req_id in self._looked_up:
+            state = self._requests.get(req_id)
+            if state is not None and req_id not in scheduler_output.num_scheduled_tokens:
+                self._cap_hashes(state)
+        self._looked_up = []
         for req_id in scheduler_output.preempted_req_ids or ():
             state = self._requests.get(req_id)
             if state is not None:  # recomputed from scratch: compress again, as a new epoch
@@ -277,8 +303,7 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
                 self._release_private(state)
                 state.targets_sent, state.skipped = False, None
                 if self._prefix_caching:  # never hit its own blocks of the earlier run
-                    rechain_hashes(state.request, hit_cap(state.plan, self._block_size),
-                                   f"lookm:{uuid.uuid4().hex}")
+                    self._cap_hashes(state)
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             state = self._requests.get(req_id)
             if state is None:
@@ -381,7 +406,8 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
             return False, None
         self._drop.append(request.request_id)
         self._release_private(state)
-        # Finished before its compression was reported (e.g. max_tokens=1): nothing was freed.
+        # Finished before its compression was reported (within two output tokens: vLLM frees a
+        # finished request before it reads the step's connector output): all its blocks go back.
         plan = state.plan
         stats = state.stats or _stats(
             plan, compressed=False, prompt_tokens=plan.prompt_len,

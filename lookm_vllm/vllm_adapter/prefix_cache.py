@@ -5,8 +5,11 @@ A compressed request may READ the prefix cache for the prompt blocks its scoring
 to recompute, and never modifies a block that is shared or hashed:
 
 * :func:`hit_cap` - the full blocks it may hit: those wholly before its scoring queries;
-* :func:`rechain_hashes` - its block hashes keep vLLM's ordinary chain below that cap and are
-  salted (per request and epoch) from it on, so later blocks neither hit nor can be hit;
+* :func:`rechain_hashes` - for the lookup, its block hashes keep vLLM's ordinary chain below that
+  cap and are salted (per request and epoch) from it on, so it hits nothing past the cap; once
+  the lookup is done (``get_num_new_matched_tokens``), its full prompt blocks get their ordinary
+  hashes back (never written: compaction writes private blocks) and only the blocks holding
+  output tokens stay salted, so the next turn hits the whole earlier prompt, as in stock vLLM;
 * :func:`num_holes` - how many prompt blocks compression frees (a function of the plan only),
   so the scheduler can allocate the private blocks the compacted prompt is written to.
 
@@ -42,16 +45,21 @@ def _salted(block_hash: Any, salt: bytes) -> Any:
                             .digest())
 
 
-def rechain_hashes(request: Any, cap: int, salt: str) -> None:
-    """Keep ``request``'s ordinary block hashes below block ``cap``; salt the hash of block
-    ``cap`` (every later one chains from it). Recomputes the hashes from ``cap`` on now and wraps
-    the request's hasher, which vLLM calls whenever more blocks fill up. Calling it again (after
-    a preemption) re-salts from ``cap``."""
+def rechain_hashes(request: Any, cap: int, salt: str, salt_at: int | None = None) -> None:
+    """Give ``request`` its ordinary block hashes below block ``salt_at`` (default ``cap``) and
+    salt the hash of block ``salt_at`` (every later one chains from it). Recomputes the hashes
+    from ``cap`` on now (those below ``cap`` are ordinary in every state) and wraps the
+    request's hasher, which vLLM calls whenever more blocks fill up. Calling it again switches
+    states: ``salt_at = cap`` for the prefix-cache lookup (no hit past ``cap``), ``salt_at =
+    P // block_size`` once the lookup is done (its full prompt blocks publish ordinary hashes)."""
     hasher = request._block_hasher
     if hasher is None:   # prefix caching off: no hashes at all
         return
     base = getattr(hasher, SALTED_ATTR, hasher)
     salt_bytes = salt.encode()
+    salt_at = cap if salt_at is None else salt_at
+    if salt_at < cap:
+        raise ValueError(f"salt_at {salt_at} < cap {cap}")
 
     def chained(req: Any) -> list:
         start = len(req.block_hashes)
@@ -62,8 +70,8 @@ def rechain_hashes(request: Any, cap: int, salt: str) -> None:
                 if not batch:
                     break
                 first = len(req.block_hashes)
-                if first <= cap < first + len(batch):
-                    batch = batch[:cap - first + 1]
+                if first <= salt_at < first + len(batch):
+                    batch = batch[:salt_at - first + 1]
                     batch[-1] = _salted(batch[-1], salt_bytes)
                 req.block_hashes.extend(batch)
                 new_hashes.extend(batch)
