@@ -1,10 +1,13 @@
 """Decode-step time of one long multimodal request with and without LOOK-M (vLLM-CPU).
 
-The same request (8 images x 576 tokens, ~4.7k prompt tokens) is decoded by one in-process
-engine with each config; the per-step decode time is the engine's own first-to-last token time
-divided by the decode steps (``RequestOutput.metrics``), measured side by side (arms interleaved,
-median of repeats). Two model shapes: the 4-layer tiny fixture
-and a wider 8-layer one whose KV reads weigh more per step.
+The same request (8 images x 576 tokens, ~4.7k prompt tokens) is decoded alone by one
+in-process engine with each config, stepped by hand (``LLMEngine.step``) and every step timed:
+the decode step is the median of the steps after the second token (LOOK-M compresses in the
+step that makes the second token, reported apart as ``second_step_ms``), measured side by side
+(arms interleaved, median of repeats). Each arm also reports its prefill step and LOOK-M's
+scoring + compression time (its own timers) as a share of the uncompressed arm's prefill. Two
+model shapes: the 4-layer tiny fixture and a wider 8-layer one whose KV reads weigh more per
+step.
 
     python -m benchmarks.decode [--quick] [--out results/decode.json]
 """
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -46,29 +50,64 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
     request = {"prompt": chat_prompt(path, "Describe the pictures.", images),
                "multi_modal_data": {"image": test_images(images)}}
 
+    engine = llm.llm_engine
+    runs = iter(range(1 << 30))
+
     def run(config):
-        params = SamplingParams(temperature=0.0, max_tokens=1 + steps, ignore_eos=True,
+        """One request alone, stepped by hand: the engine time spent on each output token
+        (token 1: the whole prefill, every chunk of it; token 2: that step, with LOOK-M's
+        deferred compression; then one decode step per token), ``times[n]`` for token n+1."""
+        params = SamplingParams(temperature=0.0, max_tokens=2 + steps, ignore_eos=True,
                                 extra_args={"kv_compression": config} if config else None)
-        return llm.generate([request], params, use_tqdm=False)[0]
+        engine.add_request(f"decode-{next(runs)}", request, params)
+        times, final, pending = [], None, 0.0
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            outputs = engine.step()
+            pending += time.perf_counter() - start
+            for out in outputs:  # a step that made a token (prefill chunks make none)
+                assert len(out.outputs[0].token_ids) == len(times) + 1
+                times.append(pending)
+                pending = 0.0
+                final = out if out.finished else final
+        return final, times
 
     run(None)  # warm-up
-    per_step = {name: [] for name, _ in ARMS}
+    samples = {name: [] for name, _ in ARMS}
     stats = {}
     for _ in tqdm(range(repeats), desc=f"decode {shape}"):
         for name, config in ARMS:
-            out = run(config)
-            timing = out.metrics  # engine-core timestamps of the first and last token
-            per_step[name].append((timing.last_token_ts - timing.first_token_ts) / steps)
+            out, times = run(config)
+            decode = statistics.median(times[2:])
+            samples[name].append({"prefill": times[0], "second": times[1], "decode": decode})
             stats[name] = (out.kv_transfer_params or {}).get("kv_compression")
             stats[name + ":prompt_tokens"] = len(out.prompt_token_ids)
     close_vllm(llm)
-    base = statistics.median(per_step["none"])
+
+    def median(name, key):
+        return statistics.median(s[key] for s in samples[name]) * 1e3
+
+    base, base_prefill = median("none", "decode"), median("none", "prefill")
+    arms = {}
+    for name in samples:
+        arm_stats = stats[name] or {}
+        overhead = (arm_stats.get("scoring_ms") or 0.0) + (arm_stats.get("compression_ms") or 0.0)
+        decode = median(name, "decode")
+        arms[name] = {"decode_step_ms": decode,
+                      "all_ms": [s["decode"] * 1e3 for s in samples[name]],
+                      "ratio_to_none": decode / base,
+                      # steps 1 and 2: the prefill (with full scoring) and the step that
+                      # compresses, each next to the uncompressed arm's
+                      "prefill_ms": median(name, "prefill"),
+                      "second_step_ms": median(name, "second"),
+                      # LOOK-M's scoring + compression (its timers, last repeat) as a share of
+                      # the uncompressed arm's prefill of the same request
+                      "overhead_ms": overhead,
+                      "overhead_of_prefill": overhead / base_prefill,
+                      "stats": stats[name]}
     return {"shape": shape, "model": SHAPES[shape], "steps": steps, "repeats": repeats,
-            "arms": {name: {"decode_step_ms": statistics.median(v) * 1e3,
-                            "all_ms": [x * 1e3 for x in v],
-                            "ratio_to_none": statistics.median(v) / base,
-                            "stats": stats[name]} for name, v in per_step.items()},
-            "prompt_tokens": stats["none:prompt_tokens"]}
+            "arms": arms, "prompt_tokens": stats["none:prompt_tokens"],
+            "prefill_ms_none": base_prefill}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,7 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
             kept = (arm["stats"] or {}).get("kv_tokens_kept", run["prompt_tokens"])
             freed = (arm["stats"] or {}).get("kv_blocks_freed", 0)
             print(f"  {name:>10}: {arm['decode_step_ms']:7.2f} ms/step  x{arm['ratio_to_none']:.2f}"
-                  f"  KV kept {kept}/{run['prompt_tokens']}  blocks freed {freed}")
+                  f"  KV kept {kept}/{run['prompt_tokens']}  blocks freed {freed}  prefill "
+                  f"{arm['prefill_ms']:.0f} ms, 2nd step {arm['second_step_ms']:.0f} ms, "
+                  f"scoring + compression {arm['overhead_ms']:.1f} ms"
+                  f" = {arm['overhead_of_prefill']:.1%} of the uncompressed prefill")
     print(f"wrote {out}")
     return report
 

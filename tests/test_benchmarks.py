@@ -60,3 +60,19 @@ def test_decode_quick(tmp_path):
     for name in ("lookm-0.2", "lookm-0.1"):
         arm = run_["arms"][name]
         assert arm["decode_step_ms"] > 0 and arm["stats"]["kv_blocks_freed"] > 0
+        assert arm["prefill_ms"] > 0 and arm["second_step_ms"] > 0 and arm["overhead_ms"] > 0
+        assert arm["overhead_of_prefill"] == arm["overhead_ms"] / run_["prefill_ms_none"]
+    assert run_["arms"]["none"]["overhead_ms"] == 0
+
+
+def test_proxy_7b_quick(tmp_path):
+    report = run("benchmarks.proxy_7b", tmp_path / "proxy.json")
+    (row,) = report["rows"]
+    assert row["prefill_ms_none"] > 0 and set(row["arms"]) == {
+        "none", "full+pivotal", "window+pivotal", "full+none"}
+    for name in ("full+pivotal", "window+pivotal", "full+none"):
+        arm = row["arms"][name]
+        assert arm["scoring_ms"] > 0 and arm["compression_ms"] > 0
+        assert arm["kv_tokens_kept"] < row["prompt_tokens"]
+        assert arm["overhead_of_prefill"] == pytest.approx(
+            (arm["scoring_ms"] + arm["compression_ms"]) / row["prefill_ms_none"], rel=0.01)
