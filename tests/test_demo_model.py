@@ -3,9 +3,9 @@ its held-out accuracy through vLLM with and without compression.
 
 The engine test runs ``lookm-eval`` (one engine, in a subprocess) on a small held-out sample of
 the demo task and checks what was measured when the weights were made (docs/evaluation.md): the
-full cache answers >= 90 % exactly (the color word, then the end of the answer), LOOK-M at budget
-0.2 stays within 10 points of it, and a damaged cache (H2O at budget 0.05) loses exact answers:
-the end of the answer is decided on the compressed cache (see the test).
+full cache answers >= 90 % exactly ("It is <color>", then the end of the answer), LOOK-M at
+budget 0.2 stays within 10 points of it, and a damaged cache (StreamingLLM at budget 0.05, no
+image kept) loses exact answers: the color is decided on the compressed cache (see the test).
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ HELDOUT_SAMPLES = 20  # per task
 
 
 def _exact(records) -> float:
-    return 100.0 * sum(r["prediction"].strip() == r["response"] for r in records) / len(records)
+    """Exact answers: the whole prediction is the sentence the model was taught."""
+    return 100.0 * sum(r["prediction"].strip() == shapes.spoken(shapes.FRAMED, r["response"])
+                       for r in records) / len(records)
 
 
 @pytest.mark.engine
@@ -160,22 +162,24 @@ def test_heldout_accuracy_through_vllm_with_and_without_compression(tmp_path):
     cli("generate", data, "--tasks", *shapes.TASKS, "--samples", HELDOUT_SAMPLES,
         "--images", 4, "--seed", 1)
     cli("run", "--model", "demo", "--tasks", data, "--out", out, "--methods", "none",
-        "lookm-pivotal", "h2o", "--budgets", 0.05, 0.2, "--max-tokens", 4, "--no-progress")
+        "lookm-pivotal", "streaming", "--budgets", 0.05, 0.2, "--max-tokens", 6,
+        "--no-progress")
 
     def accuracy(cell: str) -> float:
         records = [r for task in shapes.TASKS for r in PredictionFile(out, task, cell).records()]
         assert len(records) == len(shapes.TASKS) * HELDOUT_SAMPLES
         return _exact(records)
 
-    full, lookm, damaged = accuracy("none"), accuracy("lookm-pivotal@0.2"), accuracy("h2o@0.05")
-    print(f"exact match: full {full:.1f}, lookm@0.2 {lookm:.1f}, h2o@0.05 {damaged:.1f}")
+    full, lookm = accuracy("none"), accuracy("lookm-pivotal@0.2")
+    damaged = accuracy("streaming@0.05")
+    print(f"exact match: full {full:.1f}, lookm@0.2 {lookm:.1f}, streaming@0.05 {damaged:.1f}")
     assert full >= 90.0
     assert lookm >= full - 10.0
-    # A damaged cache loses exact answers. The color word is the first token, sampled from the
-    # prefill before any compression, so it never changes; what the compressed cache decides
-    # is the next token, the end of the answer: H2O (full scoring) at budget 0.05 keeps 18 % of
-    # the KV and the model goes on repeating the color instead of stopping (measured
-    # 2026-12-02 on 100 held-out items: 58 % exact against 100 %).
+    # A damaged cache loses answers. The model says "It is <color>": the color is the third
+    # token, decided from the compressed cache (vLLM samples the first from the prefill, LOOK-M
+    # compresses in the next step). StreamingLLM at budget 0.05 keeps the attention sinks and
+    # the recent window (17 % of the KV), no image: measured 2026-12-06 on 100 held-out items,
+    # 36 % exact against 100 %.
     assert damaged <= full - 20.0
 
 

@@ -387,9 +387,10 @@ def test_sliding_window_models_are_refused_at_start(tmp_path):
 
 def test_exact_against_transformers_trained_demo_model(runs):
     """The trained demo model (lookm_vllm/demo/shapes_llava): compressed exactly as on the random
-    fixtures. Its full-cache answer stops after one word; compressed, it does not (the check's
-    "full cache decodes other tokens" part): transformers, decoding from the same compressed
-    cache with logical positions, does the same, so that is the model, not the engine."""
+    fixtures. On these photos (not its task) its compressed answer differs from the full
+    cache's (the check's "full cache decodes other tokens" part): transformers, decoding from
+    the same compressed cache with logical positions, does the same, so that is the model, not
+    the engine."""
     from lookm_vllm.demo.trained import demo_model_path
 
     _exact_check(runs, "exact_demo", "demo", str(demo_model_path()), num_images=2,

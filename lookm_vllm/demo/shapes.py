@@ -2,22 +2,26 @@
 
 Every image is 64x64 pixels: a dark, slightly tinted background with one filled shape (circle,
 square or triangle) of one of :data:`COLORS`, at a random size and place. One image of a prompt may
-carry a white frame (a 6-pixel border). Two question kinds, both answered with one word (the
-demo model is trained on the first only, :data:`TASKS`; it did not learn the second):
+carry a white frame (a 6-pixel border). Two question kinds (the demo model is trained on the
+first only, :data:`TASKS`; it did not learn the second):
 
 * ``FramedColorNeedleInAHaystack``: K images, exactly one framed: "What color is the shape in the
-  framed image?" -> the color. The evidence is one image of K (64 of the 64*K image tokens), the
-  rest is distraction: most of the image KV is irrelevant to the answer, as in LOOK-M's
-  multi-image tasks, and a cache that loses the framed image's entries loses the answer.
+  framed image?" -> the color, spoken as "It is <color>" (:func:`spoken`): the color is the
+  THIRD output token, so an engine that compresses after the prefill (vLLM samples the first
+  token from the prefill's logits; LOOK-M compresses in the step after it) decides it from the
+  compressed cache. The evidence is one image of K (64 of the 64*K image tokens), the rest is
+  distraction: most of the image KV is irrelevant to the answer, as in LOOK-M's multi-image
+  tasks, and a cache that loses the framed image's entries loses the answer.
 * ``ColorExistenceNeedleInAHaystack``: K images, none framed: "Is there a <color> shape in any
-  image?" -> ``yes``/``no`` (balanced; for a "yes", exactly one image has that color).
+  image?" -> ``yes``/``no`` (balanced; for a "yes", exactly one image has that color), spoken as
+  is.
 
 Neither question needs the model to bind an index word ("image 3") to a position, which a tiny
 model learns slowly on a CPU; the marker (the frame) and the color sit in the pixels.
 
 The names end in ``NeedleInAHaystack`` so that MileBench's ``evaluate.py`` (and
-:func:`lookm_vllm.eval.metrics.metric_for`) scores them as needles: the answer must be a word of
-the prediction; the trained model answers with that one word, so this is exact match.
+:func:`lookm_vllm.eval.metrics.metric_for`) scores them as needles: the answer (``Item.answer``,
+the MileBench ``response``: the color) must be a word of the prediction.
 
 An item is drawn from ``random.Random(f"{split}:{seed}:{index}")``: training and held-out items
 come from different ``split`` strings, so no held-out item is a training item (the image space is
@@ -49,6 +53,7 @@ __all__ = [
     "draw_image",
     "make_item",
     "prompt_text",
+    "spoken",
     "write_example",
 ]
 
@@ -73,7 +78,7 @@ EXISTS = "ColorExistenceNeedleInAHaystack"
 # larger models (``lookm-eval generate --tasks``).
 TASKS: tuple[str, ...] = (FRAMED,)
 ALL_TASKS: tuple[str, ...] = (FRAMED, EXISTS)
-INSTRUCTION = "Look at the images and answer the question with one word."
+INSTRUCTION = "Look at the images and answer the question."
 QUESTION_TYPE = "open-ended"
 
 
@@ -102,9 +107,16 @@ def draw_image(rng: random.Random, color: str, *, framed: bool = False,
     return img
 
 
+def spoken(task: str, answer: str) -> str:
+    """What the demo model says for ``answer`` (the MileBench response) of ``task``: "It is
+    <color>" for the framed-color question, the word itself otherwise."""
+    return f"It is {answer}" if task == FRAMED else answer
+
+
 @dataclass(frozen=True)
 class Item:
-    """One question: its images (prompt order), MileBench context text and one-word answer."""
+    """One question: its images (prompt order), MileBench context text and one-word answer
+    (:func:`spoken` gives the sentence the model says)."""
 
     task: str
     images: tuple[Image.Image, ...]
@@ -163,7 +175,8 @@ def write_example(out_dir: str | Path, *, num_images: int = 4, seed: int = 0) ->
         paths.append(out / f"{i + 1}.png")
         img.save(paths[-1], format="PNG")
     framed = next(i for i, img in enumerate(item.images) if img.getpixel((1, 1)) == (255,) * 3)
-    lines = [f"{item.question} -> {item.answer} (image {framed + 1} is framed)"]
+    lines = [f"{item.question} -> {spoken(item.task, item.answer)} (image {framed + 1} is "
+             "framed)"]
     (out / "questions.txt").write_text("\n".join(lines) + "\n")
     return paths
 

@@ -9,7 +9,7 @@ CLS dropped, features of the last layer), LLaVA's 2-layer GELU projector, and a 
 template and processor are those of the random-weight fixtures
 (:func:`lookm_vllm.demo.tiny_models.build_tokenizer`, ``LLAVA_CHAT_TEMPLATE``).
 
-Training: loss on the answer tokens only (the answer word and ``</s>``), AdamW (0.9, 0.98),
+Training: loss on the answer tokens only ("It is <color>" and ``</s>``), AdamW (0.9, 0.98),
 weight decay 0.01, gradient clipping 1.0, batch 16, linear warm-up, constant, then linear decay
 over the last fifth. Curriculum: one image per prompt first (the model learns to read a color),
 then 2-4 images (it learns which image the question is about); one image count per batch, the
@@ -171,7 +171,7 @@ class Batcher:
         seqs, labels = [], []
         for item in items:
             p = self.prompt_ids(len(item.images), item.question)
-            a = self.answer_ids(item.answer)
+            a = self.answer_ids(shapes.spoken(item.task, item.answer))
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
         width = max(len(s) for s in seqs)

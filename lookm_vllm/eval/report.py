@@ -233,10 +233,12 @@ def plot(table: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def plot_by_scoring(table: dict[str, Any], path: str | Path) -> Path:
-    """Accuracy (``Avg``) against the budget, one panel per attention scoring (``+full``,
-    ``+window`` methods; methods that do not score, e.g. ``streaming`` and ``random``, appear in
-    every panel), one line per method; the full cache is a dashed horizontal line."""
+def plot_by_scoring(table: dict[str, Any], path: str | Path, x: str = "budget") -> Path:
+    """Accuracy (``Avg``) against the budget (``x="budget"``) or against the KV actually kept
+    (``x="kv"``: the ``KV kept`` column, so methods compare at equal memory), one panel per
+    attention scoring (``+full``, ``+window`` methods; methods that do not score, e.g.
+    ``streaming`` and ``random``, appear in every panel), one line per method; the full cache
+    is a dashed horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,12 +258,14 @@ def plot_by_scoring(table: dict[str, Any], path: str | Path) -> Path:
                 ax.axhline(value, color="black", linestyle="--", linewidth=1,
                            label=f"{row['method']} (full cache)")
             else:
-                by_method.setdefault(base, []).append((row["budget"], value))
+                where = row["budget"] if x == "budget" else row["values"]["KV kept"]
+                by_method.setdefault(base, []).append((where, value))
         for method, points in by_method.items():
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         ax.set_xscale("log")
-        ax.set_xlabel("KV budget (fraction of the prompt kept, log scale)")
+        ax.set_xlabel("KV budget (fraction of the prompt kept, log scale)" if x == "budget" else
+                      "KV kept (measured fraction of the prompt's KV, log scale)")
         ax.set_title(f"{scoring} attention scoring")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -276,7 +280,8 @@ def plot_by_scoring(table: dict[str, Any], path: str | Path) -> Path:
 def report(out_dir: str | Path, cells: Sequence[str] | None = None,
            tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """Score, write ``results.json``/``results.csv``/``scores.png`` (and, for a grid with
-    ``+full``/``+window`` scoring variants, ``accuracy.png``) under ``out_dir`` (all
+    ``+full``/``+window`` scoring variants, ``accuracy.png`` and ``accuracy_vs_kv.png``) under
+    ``out_dir`` (all
     predictions there, or only those of ``cells`` x ``tasks``, rows in ``cells`` order).
 
     Raises
@@ -292,4 +297,5 @@ def report(out_dir: str | Path, cells: Sequence[str] | None = None,
     plot(table, Path(out_dir) / "scores.png")
     if any("+" in row["method"] for row in table["rows"]):
         plot_by_scoring(table, Path(out_dir) / "accuracy.png")
+        plot_by_scoring(table, Path(out_dir) / "accuracy_vs_kv.png", x="kv")
     return table
