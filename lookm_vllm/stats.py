@@ -25,10 +25,10 @@ class CompressionStats:
     Attributes
     ----------
     compressed : bool
-        Whether the prompt's KV cache was compressed (False: the request finished before the
-        compression was reported, i.e. within two output tokens: compression runs in the step
-        after the first token and vLLM frees a finished request before it reads that step's
-        connector output; or nothing could be freed).
+        Whether the prompt's KV cache was compressed (False: the request finished with its
+        first token, e.g. ``max_tokens=1``: compression runs in the step after it; or nothing
+        could be freed). A request that ends in the step that compressed it reports the plan's
+        holes, without device timings.
     method, budget, max_kv_tokens
         The request's compression config (``budget`` is None when the request gave
         ``max_kv_tokens``, which is None otherwise).

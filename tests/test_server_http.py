@@ -183,6 +183,35 @@ def test_compressed_chat_with_three_photos(lookm_server, client, model, photo_ur
     assert metric_deltas(before, lookm_metrics(lookm_server.url)) == expected_deltas(entry)
 
 
+def test_a_request_ending_in_its_compressing_step_reports_it(lookm_server, client, model,
+                                                              photo_urls):
+    """Compression runs in the step after the first token; a request whose second token is its
+    last ends in that step, and vLLM frees it before the step's connector output is read: its
+    usage still reports the compression (the plan's holes), equal to a longer request's."""
+    def entry(max_tokens):
+        completion = client.chat.completions.create(
+            model=model, messages=messages(photo_urls), max_tokens=max_tokens, temperature=0,
+            extra_body={"kv_compression": LOOKM, "ignore_eos": True})
+        assert completion.usage.completion_tokens == max_tokens
+        return completion.usage.model_extra["kv_compression"]
+
+    before = lookm_metrics(lookm_server.url)
+    short = entry(2)
+    check_entry(short, entry(6)["prompt_tokens"])
+    assert short == entry(6)
+    deltas = metric_deltas(before, lookm_metrics(lookm_server.url))
+    assert deltas["lookm_compressed_requests_total"] == 3
+    assert deltas["lookm_kv_blocks_freed_total"] == 3 * short["kv_blocks_freed"]
+    # the first token alone: never compressed (reported as such, not counted)
+    before = lookm_metrics(lookm_server.url)
+    completion = client.chat.completions.create(
+        model=model, messages=messages(photo_urls), max_tokens=1, temperature=0,
+        extra_body={"kv_compression": LOOKM})
+    alone = completion.usage.model_extra["kv_compression"]
+    assert alone["kv_tokens_kept"] == alone["prompt_tokens"] and alone["kv_blocks_freed"] == 0
+    assert set(metric_deltas(before, lookm_metrics(lookm_server.url)).values()) == {0}
+
+
 def test_uncompressed_chat_reports_no_compression(lookm_server, client, model, photo_urls):
     before = lookm_metrics(lookm_server.url)
     raw = client.chat.completions.with_raw_response.create(

@@ -384,3 +384,21 @@ def test_prefix_cache_names():
     assert "get_computed_blocks(request)" in inspect.getsource(
         Scheduler._get_local_prefix_cache_hit)
     assert "request.block_hashes" in inspect.getsource(BlockPool.cache_full_blocks)
+
+
+def test_a_finished_request_is_freed_before_the_step_connector_output_is_read():
+    """Deferred compression runs in the step after the first token; a request that ends in that
+    step is freed (``request_finished``) before ``update_connector_output`` reads the step's
+    results, so the connector reports it from the plan, recognised by ``num_output_tokens``."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    update = inspect.getsource(Scheduler.update_from_output)
+    assert (update.index("self._free_request(request)")
+            < update.index("self._update_from_kv_xfer_finished(kv_connector_output)"))
+    assert "self.connector.update_connector_output(" in inspect.getsource(
+        Scheduler._update_from_kv_xfer_finished)
+    request = Request("r", [1, 2, 3], SamplingParams(), None)
+    request.append_output_token_ids([4, 5])
+    assert request.num_output_tokens == 2

@@ -7,6 +7,7 @@ vLLM names touched here (each has a contract test in tests/test_vllm_contract.py
 - ``Request.block_hashes`` / ``update_block_hashes`` / ``_block_hasher`` /
   ``num_computed_tokens`` (``prefix_cache.py``: with prefix caching a compressed request reads
   the cached blocks its scoring does not recompute, and its later blocks get private hashes);
+- ``Request.num_output_tokens`` (a request that ends in the step that compressed it);
 - ``BlockPool.get_new_blocks`` / ``free_blocks`` and the manager's ``req_to_blocks`` (the
   compacted prompt goes to private blocks that replace the originals, which stay cached);
 - ``KVCacheManager.coordinator.single_type_managers[0]._remove_blocks_in_range`` (frees holes,
@@ -406,10 +407,20 @@ class LookMConnector(KVConnectorBase_V1, SupportsHMA):
             return False, None
         self._drop.append(request.request_id)
         self._release_private(state)
-        # Finished before its compression was reported (within two output tokens: vLLM frees a
-        # finished request before it reads the step's connector output): all its blocks go back.
         plan = state.plan
-        stats = state.stats or _stats(
+        stats = state.stats
+        if stats is None and request.num_output_tokens >= 2 and not state.skipped:
+            # Compressed in the step that made its last token (compression runs in the step
+            # after the first token, every step after it reads the compressed cache), but vLLM
+            # frees a finished request before it reads that step's connector output: the holes
+            # are the plan's (score-free, what every layer freed). The pool gets them back with
+            # the rest of its blocks now; the device timings never arrive.
+            holes = len(plan.holes(self._block_size))
+            stats = _stats(plan, compressed=True, prompt_tokens=plan.prompt_len,
+                           kv_tokens_kept=plan.prompt_len - holes * self._block_size,
+                           kv_blocks_freed=holes, prefix_reused_tokens=state.reused_tokens)
+        # Finished with its first token (max_tokens=1): never compressed; its blocks go back.
+        stats = stats or _stats(
             plan, compressed=False, prompt_tokens=plan.prompt_len,
             kv_tokens_kept=plan.prompt_len, kv_blocks_freed=0,
             prefix_reused_tokens=state.reused_tokens)
