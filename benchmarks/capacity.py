@@ -84,6 +84,10 @@ class ArmResult:
     requests_per_s: float = 0.0
     peak_running: float = 0.0
     mean_running: float = 0.0
+    # requests between their first and last output token, seen by the client (vLLM's
+    # num_requests_running also counts requests still prefilling)
+    peak_decoding: float = 0.0
+    mean_decoding: float = 0.0
     preemptions: float = 0.0
     peak_kv_blocks_in_use: float = 0.0
     mean_kv_blocks_in_use: float = 0.0
@@ -218,7 +222,7 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
         await sample_once(client, url, samples)  # counters are cumulative per server
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_metrics(client, url, samples, stop))
-        ttft, tpot, tokens = [], [], 0
+        ttft, tpot, tokens, decoding = [], [], 0, []
         bar = tqdm(total=work.num_requests, desc=f"{name:>10}", unit="req")
 
         async def one(i: int) -> None:
@@ -242,6 +246,7 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
             tokens += n_out
             if first is not None:
                 ttft.append(first - t0)
+                decoding.append((first, last))
                 if n_out > 1:
                     tpot.append((last - first) / (n_out - 1))
             bar.update()
@@ -249,6 +254,7 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
         start = time.monotonic()
         await asyncio.gather(*(one(i) for i in range(work.num_requests)))
         result.duration_s = time.monotonic() - start
+        result.peak_decoding, result.mean_decoding = overlap(decoding, result.duration_s)
         bar.close()
         stop.set()
         await sampler
@@ -267,6 +273,21 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
     result.mean_kv_blocks_in_use = (statistics.fmean(usage) if usage else 0.0) * pool_blocks
     result.ttft_s, result.tpot_s = percentiles(ttft), percentiles(tpot)
     return result
+
+
+def overlap(intervals: list[tuple[float, float]], duration: float) -> tuple[float, float]:
+    """Peak and time-averaged (over ``duration``) number of open ``(start, end)`` intervals."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals],
+                    key=lambda e: (e[0], e[1]))
+    peak = current = 0
+    area, previous = 0.0, None
+    for when, step in events:
+        if previous is not None:
+            area += current * (when - previous)
+        current += step
+        peak = max(peak, current)
+        previous = when
+    return float(peak), (area / duration if duration > 0 else 0.0)
 
 
 def gpu_projection(work: Workload, prompt_len: int, kept_fraction: dict[str, float]) -> list[dict]:
@@ -324,6 +345,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny workload for the test suite")
     parser.add_argument("--num-requests", type=int)
+    parser.add_argument("--max-tokens", type=int,
+                        help="output tokens per request (default 64; e.g. 512 for a decode-heavy "
+                             "workload, where holding more requests can pay off)")
+    parser.add_argument("--arms", nargs="+", choices=[a[0] for a in ARMS],
+                        help="run only these arms (the first must be stock: the baseline)")
     parser.add_argument("--out", default="results/capacity.json")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the figure and table from an existing --out JSON")
@@ -336,6 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
     work = quick_workload() if args.quick else Workload()
     if args.num_requests:
         work.num_requests = args.num_requests
+    if args.max_tokens:
+        work.max_tokens = args.max_tokens
+    if args.arms and args.arms[0] != "stock":
+        parser.error("--arms: the first arm must be stock (the baseline of the ratios)")
     path, prompt_len, blocks_per_request, pool_blocks, pool_bytes = model_and_pool(work)
     bytes_per_block = pool_bytes // pool_blocks
     print(f"workload: {work.num_requests} requests x {work.images_per_request} images x "
@@ -348,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     results: list[ArmResult] = []
     server, server_key = None, None
-    arms = [arm for arm in ARMS if arm[2] == "auto" or fp8_cache_available()]
+    arms = [arm for arm in ARMS if (arm[2] == "auto" or fp8_cache_available())
+            and (not args.arms or arm[0] in args.arms)]
     for name, config, cache_dtype in arms:
         key = (config is not None, cache_dtype)
         if key != server_key:
@@ -370,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     def ratio(r: ArmResult, base: ArmResult) -> dict:
         return {"running_peak": r.peak_running / max(base.peak_running, 1e-9),
                 "running_mean": r.mean_running / max(base.mean_running, 1e-9),
+                "decoding_peak": r.peak_decoding / max(base.peak_decoding, 1e-9),
+                "decoding_mean": r.mean_decoding / max(base.mean_decoding, 1e-9),
                 "output_tokens_per_s": r.output_tokens_per_s / base.output_tokens_per_s,
                 "requests_per_s": r.requests_per_s / base.requests_per_s}
 
@@ -378,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     # LOOK-M on fp8 against quantization alone (same pool bytes, same fp8 cache)
     by_name = {r.name: r for r in results}
     fp8_ratios = ({"lookm-0.2-fp8": ratio(by_name["lookm-0.2-fp8"], by_name["stock-fp8"])}
-                  if "stock-fp8" in by_name else {})
+                  if {"stock-fp8", "lookm-0.2-fp8"} <= set(by_name) else {})
     kept = {"stock": 1.0}
     kept.update({r.name: r.kv_tokens_kept_fraction for r in results[1:]
                  if r.kv_tokens_kept_fraction is not None and r.kv_cache_dtype == "auto"})
@@ -400,11 +433,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print(f"\n{'arm':>10} {'peak run':>8} {'mean run':>8} {'preempt':>7} {'out tok/s':>9} "
-          f"{'req/s':>6} {'TTFT p50':>8} {'TPOT p50':>8} {'kept':>5}")
+    print(f"\n{'arm':>16} {'peak run':>8} {'mean run':>8} {'peak dec':>8} {'mean dec':>8} "
+          f"{'preempt':>7} {'out tok/s':>9} {'req/s':>6} {'TTFT p50':>8} {'TPOT p50':>8} "
+          f"{'kept':>5}")
     for arm in report["arms"]:
         kept = arm["kv_tokens_kept_fraction"]
-        print(f"{arm['name']:>10} {arm['peak_running']:8.0f} {arm['mean_running']:8.1f} "
+        print(f"{arm['name']:>16} {arm['peak_running']:8.0f} {arm['mean_running']:8.1f} "
+              f"{arm.get('peak_decoding', 0):8.0f} {arm.get('mean_decoding', 0):8.1f} "
               f"{arm['preemptions']:7.0f} {arm['output_tokens_per_s']:9.1f} "
               f"{arm['requests_per_s']:6.2f} {arm['ttft_s'].get('p50', 0):8.2f} "
               f"{arm['tpot_s'].get('p50', 0) * 1e3:6.1f}ms "

@@ -33,6 +33,7 @@ def test_capacity_quick(tmp_path):
         for key in ("output_tokens_per_s", "requests_per_s", "peak_running", "mean_running",
                     "preemptions", "peak_kv_blocks_in_use", "mean_kv_blocks_in_use"):
             assert arm[key] >= 0, key
+        assert 1 <= arm["peak_decoding"] <= arm["requests"] and arm["mean_decoding"] > 0
         assert {"p50", "p90", "p99"} <= set(arm["ttft_s"]) and {"p50", "p90"} <= set(arm["tpot_s"])
     for arm in report["arms"]:
         if arm["config"] is None:
@@ -50,6 +51,14 @@ def test_capacity_quick(tmp_path):
     assert {row["arm"] for row in rows} == {"stock", *(n for n in names[1:]
                                                         if not n.endswith("fp8"))}
     assert all(row["max_batch"] >= 1 and row["decode_step_ms"] > 0 for row in rows)
+
+
+def test_client_side_concurrency_is_the_overlap_of_decoding_intervals():
+    from benchmarks.capacity import overlap
+
+    assert overlap([(0, 2), (1, 3), (4, 5)], 5.0) == (2.0, 1.0)
+    assert overlap([(0, 1), (1, 2)], 2.0) == (1.0, 1.0)   # one ends as the next starts
+    assert overlap([], 1.0) == (0.0, 0.0)
 
 
 def test_decode_quick(tmp_path):
