@@ -48,7 +48,9 @@ ELEMENT_BYTES = {"auto": 4, "fp8": 1}
 # The same CPU binding for every server (see the module docstring).
 SERVER_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
 SAMPLED = ("vllm:num_requests_running", "vllm:num_requests_waiting",
-           "vllm:kv_cache_usage_perc", "vllm:num_preemptions")
+           "vllm:kv_cache_usage_perc", "vllm:num_preemptions",
+           # vLLM's per-request prefill time (first scheduled -> first token), summed over requests
+           "vllm:request_prefill_time_seconds_sum", "vllm:request_prefill_time_seconds_count")
 
 
 @dataclass
@@ -95,6 +97,20 @@ class ArmResult:
     tpot_s: dict = field(default_factory=dict)
     kv_tokens_kept_fraction: float | None = None
     kv_blocks_freed_per_request: float | None = None
+    # One request alone on the arm's server, before the load (vLLM's request_prefill_time):
+    # uncompressed, and with the arm's config; LOOK-M's timers (scoring_ms, compression_ms) of the
+    # compressed one; overhead = their sum / the uncompressed prefill of the same request.
+    prefill_s_uncompressed: float = 0.0
+    prefill_s: float = 0.0
+    scoring_ms: float | None = None
+    compression_ms: float | None = None
+    overhead_pct_of_prefill: float | None = None
+    # Under the load: vLLM's mean request_prefill_time (it includes waiting on batch-mates' steps)
+    mean_prefill_s_under_load: float = 0.0
+    # What the arm's preemptions cost: each one re-prefills the prompt (and, for LOOK-M, scores
+    # and compresses it again): preemptions x the alone-request cost above (the replay also
+    # recomputes the outputs made so far, not counted).
+    preemption_recompute_s: float = 0.0
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -211,13 +227,23 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
     result = ArmResult(name, config, pool_blocks=pool_blocks)
     async with httpx.AsyncClient(timeout=None) as client:
         model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
-        # one non-streamed request first: the engine's own compression stats for this workload
-        probe = (await client.post(url + "/v1/chat/completions",
-                                   json=request_body(work, urls, 0, model, config, False))).json()
-        stats = (probe.get("kv_transfer_params") or {}).get("kv_compression")
+        # one non-streamed request alone first (uncompressed too, on a LOOK-M server): its
+        # prefill time and the engine's own compression stats for this workload
+        uncompressed = request_body(work, urls, 0, model, None, False)
+        await probe(client, url, uncompressed)  # warm-up: a fresh server's first is slower
+        result.prefill_s_uncompressed, _ = await probe(client, url, uncompressed)
+        result.prefill_s, stats = await probe(client, url, request_body(
+            work, urls, 0, model, config, False)) if config else (
+            result.prefill_s_uncompressed, None)
         if stats:
             result.kv_tokens_kept_fraction = stats["kv_tokens_kept"] / stats["prompt_tokens"]
             result.kv_blocks_freed_per_request = stats["kv_blocks_freed"]
+            result.scoring_ms = stats.get("scoring_ms")
+            result.compression_ms = stats.get("compression_ms")
+            if result.scoring_ms is not None and result.compression_ms is not None:
+                result.overhead_pct_of_prefill = 100 * (
+                    (result.scoring_ms + result.compression_ms) / 1e3
+                    / result.prefill_s_uncompressed)
         samples: list[dict] = []
         await sample_once(client, url, samples)  # counters are cumulative per server
         stop = asyncio.Event()
@@ -267,12 +293,39 @@ async def run_arm(url: str, work: Workload, urls: list[str], name: str, config: 
     result.requests_per_s = work.num_requests / result.duration_s
     result.peak_running = max(running, default=0.0)
     result.mean_running = statistics.fmean(running) if running else 0.0
-    result.preemptions = (samples[-1].get("vllm:num_preemptions", 0.0)
-                          - samples[0].get("vllm:num_preemptions", 0.0))
+    result.preemptions = delta(samples, "vllm:num_preemptions")
+    prefills = delta(samples, "vllm:request_prefill_time_seconds_count")
+    result.mean_prefill_s_under_load = (
+        delta(samples, "vllm:request_prefill_time_seconds_sum") / max(prefills, 1.0))
+    per_replay = result.prefill_s_uncompressed + ((result.scoring_ms or 0.0)
+                                                 + (result.compression_ms or 0.0)) / 1e3
+    result.preemption_recompute_s = result.preemptions * per_replay
     result.peak_kv_blocks_in_use = max(usage, default=0.0) * pool_blocks
     result.mean_kv_blocks_in_use = (statistics.fmean(usage) if usage else 0.0) * pool_blocks
     result.ttft_s, result.tpot_s = percentiles(ttft), percentiles(tpot)
     return result
+
+
+def delta(samples: list[dict], name: str) -> float:
+    """Growth of a cumulative metric between the first and the last sample."""
+    return samples[-1].get(name, 0.0) - samples[0].get(name, 0.0)
+
+
+async def probe(client, url: str, body: dict) -> tuple[float, dict | None]:
+    """Send one non-streamed request alone; its prefill time (vLLM's histogram, read before and
+    after) and its compression stats (None when uncompressed)."""
+    samples: list[dict] = []
+    await sample_once(client, url, samples)
+    response = (await client.post(url + "/v1/chat/completions", json=body)).json()
+    for _ in range(20):  # the engine records a finished request's stats as it answers
+        await sample_once(client, url, samples)
+        if delta(samples, "vllm:request_prefill_time_seconds_count") >= 1:
+            break
+        await asyncio.sleep(0.05)
+    if delta(samples, "vllm:request_prefill_time_seconds_count") != 1:
+        raise RuntimeError("the probe request's prefill time was not recorded alone")
+    stats = (response.get("kv_transfer_params") or {}).get("kv_compression")
+    return delta(samples, "vllm:request_prefill_time_seconds_sum"), stats
 
 
 def overlap(intervals: list[tuple[float, float]], duration: float) -> tuple[float, float]:
@@ -432,6 +485,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
 def print_report(report: dict) -> None:
     print(f"\n{'arm':>16} {'peak run':>8} {'mean run':>8} {'peak dec':>8} {'mean dec':>8} "
           f"{'preempt':>7} {'out tok/s':>9} {'req/s':>6} {'TTFT p50':>8} {'TPOT p50':>8} "
@@ -444,6 +501,17 @@ def print_report(report: dict) -> None:
               f"{arm['requests_per_s']:6.2f} {arm['ttft_s'].get('p50', 0):8.2f} "
               f"{arm['tpot_s'].get('p50', 0) * 1e3:6.1f}ms "
               f"{kept if kept is None else round(kept, 3)!s:>5}")
+    print(f"\n{'arm':>16} {'prefill alone':>13} {'with arm':>8} {'scoring':>8} "
+          f"{'compress':>8} {'overhead':>8} {'prefill loaded':>14} {'preempt cost':>12}")
+    for arm in report["arms"]:
+        if "prefill_s" not in arm:  # a report from before these columns
+            continue
+        overhead = arm["overhead_pct_of_prefill"]
+        print(f"{arm['name']:>16} {arm['prefill_s_uncompressed'] * 1e3:10.0f} ms "
+              f"{arm['prefill_s'] * 1e3:5.0f} ms {ms(arm['scoring_ms']):>8} "
+              f"{ms(arm['compression_ms']):>8} "
+              f"{'-' if overhead is None else f'{overhead:.0f}%':>8} "
+              f"{arm['mean_prefill_s_under_load']:12.2f} s {arm['preemption_recompute_s']:10.2f} s")
     print("\nratios to stock:", json.dumps(report["ratios_to_stock"], indent=1))
     if report.get("ratios_to_stock_fp8"):
         print("LOOK-M 0.2 on fp8 vs stock fp8 (same pool bytes):",

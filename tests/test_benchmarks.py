@@ -35,12 +35,21 @@ def test_capacity_quick(tmp_path):
             assert arm[key] >= 0, key
         assert 1 <= arm["peak_decoding"] <= arm["requests"] and arm["mean_decoding"] > 0
         assert {"p50", "p90", "p99"} <= set(arm["ttft_s"]) and {"p50", "p90"} <= set(arm["tpot_s"])
+        assert arm["prefill_s_uncompressed"] > 0 and arm["prefill_s"] > 0
+        assert arm["mean_prefill_s_under_load"] > 0
+        assert arm["preemption_recompute_s"] == pytest.approx(arm["preemptions"] * (
+            arm["prefill_s_uncompressed"]
+            + ((arm["scoring_ms"] or 0) + (arm["compression_ms"] or 0)) / 1e3))
     for arm in report["arms"]:
         if arm["config"] is None:
-            assert arm["kv_tokens_kept_fraction"] is None
+            assert arm["kv_tokens_kept_fraction"] is None and arm["scoring_ms"] is None
+            assert arm["prefill_s"] == arm["prefill_s_uncompressed"]
         else:
             assert 0 < arm["kv_tokens_kept_fraction"] < 1
             assert arm["kv_blocks_freed_per_request"] > 0
+            assert arm["scoring_ms"] > 0 and arm["compression_ms"] > 0
+            assert arm["overhead_pct_of_prefill"] == pytest.approx(100 * (
+                arm["scoring_ms"] + arm["compression_ms"]) / 1e3 / arm["prefill_s_uncompressed"])
     assert set(report["ratios_to_stock"]) == set(names)
     assert report["thread_binding"]["every_server_env"]["VLLM_CPU_NUM_OF_RESERVED_CPU"]
     if "stock-fp8" in names:  # same pool bytes: an fp8 cache holds 4x the float32 blocks
