@@ -20,6 +20,11 @@ import torch
 import lookm_vllm.core.merge as merge_module
 import lookm_vllm.core.scoring as scoring_module
 from lookm_vllm.core import CompressionConfig, accumulated_attention, compress
+from lookm_vllm.vllm_adapter import layer_compute
+from lookm_vllm.vllm_adapter.compaction import gather_keys
+from lookm_vllm.vllm_adapter.kv_layout import CpuAttnLayout, PlainCodec
+from lookm_vllm.vllm_adapter.layer_compute import WorkerRequest
+from lookm_vllm.vllm_adapter.plan import RequestPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
     parser.add_argument("--window", type=int, default=32, help="observation window W")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--chunk", type=int, default=2048,
+                        help="prefill chunk of the paged-cache row (vLLM-CPU's default 2048)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -76,6 +83,13 @@ def main(argv: list[str] | None = None) -> None:
          time_ms(lambda: accumulated_attention(queries, keys), args.repeat)),
         (f"window scoring (W={args.window})",
          time_ms(lambda: accumulated_attention(window_queries, keys), args.repeat)),
+    ]
+    paged = PagedPrompt(queries, keys, block_size=128)
+    rows += [
+        (f"full scoring from a paged cache, {args.chunk}-token chunks",
+         time_ms(lambda: paged.score(args.chunk), args.repeat)),
+        ("  of which gathering keys [0, end) per chunk",
+         time_ms(lambda: paged.gather(args.chunk), args.repeat)),
     ]
     kept = None
     configs = [(f"compress lookm, merge={merge}", CompressionConfig(merge=merge))
@@ -111,9 +125,45 @@ def main(argv: list[str] | None = None) -> None:
           f"(the similarity products and argmax alone): {median[rows[-1][0]]:.1f} ms; the "
           f"FLOP ratio of the two searches, E*K / (L^2/2): "
           f"{evicted * kept / (length * length / 2):.2f}")
+    chunked, gathers = (median[rows[3][0]], median[rows[4][0]])
+    print(f"full scoring from the paged cache in {args.chunk}-token chunks: {chunked / full:.2f}x "
+          f"the one-shot scoring; re-gathering the keys [0, end) each chunk: {gathers:.1f} ms = "
+          f"{100 * gathers / chunked:.1f} % of it")
     same = median["compress lookm, merge=pivotal, same_modality"] - plain
     print(f"pivotal merge with merge_scope=same_modality: {same:.1f} ms = "
           f"{100 * same / full:.1f} % of full scoring")
+
+
+class PagedPrompt:
+    """The prompt's keys in a CPU_ATTN paged cache (shuffled blocks), scored the way the engine
+    adapter does during a chunked prefill: each chunk's queries against the keys ``[0, end)``
+    gathered from the cache (``layer_compute._score``)."""
+
+    def __init__(self, queries: torch.Tensor, keys: torch.Tensor, block_size: int) -> None:
+        heads, length, dim = keys.shape
+        num_blocks = -(-length // block_size)
+        cache = torch.zeros(num_blocks, heads, block_size, 2 * dim, dtype=keys.dtype)
+        self.key_cache, _ = CpuAttnLayout().split(cache)
+        self.row = torch.randperm(num_blocks)
+        padded = torch.zeros(heads, num_blocks * block_size, dim, dtype=keys.dtype)
+        padded[:, :length] = keys
+        self.key_cache[self.row] = padded.view(heads, num_blocks, block_size, dim).transpose(0, 1)
+        self.queries, self.length = queries.transpose(0, 1).contiguous(), length
+        self.plan = RequestPlan(CompressionConfig(), length, ((0, length),))
+        self.codec = PlainCodec(keys.dtype)
+
+    def score(self, chunk: int) -> None:
+        request = WorkerRequest(self.plan)
+        scale = self.queries.shape[-1] ** -0.5
+        for first in range(0, self.length, chunk):
+            end = min(first + chunk, self.length)
+            layer_compute._score(request, "layer", self.queries[first:end], first, end,
+                                 self.key_cache, self.row, scale, self.codec)
+
+    def gather(self, chunk: int) -> None:
+        as_float = torch.float32 if isinstance(self.codec, PlainCodec) else None
+        for first in range(0, self.length, chunk):
+            gather_keys(self.key_cache, self.row, min(first + chunk, self.length), as_float)
 
 
 def similarity_floor(evicted: torch.Tensor, kept: torch.Tensor) -> None:

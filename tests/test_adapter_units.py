@@ -12,6 +12,7 @@ from lookm_vllm.vllm_adapter.compaction import (
     HoleMap,
     compact_prompt,
     compacted_view,
+    gather_keys,
     gather_prompt,
     read_slots,
 )
@@ -63,6 +64,25 @@ def test_layout_views_alias_the_backend_tensor(layout):
     else:                                   # what FlashAttentionImpl.forward reads
         key_cache, value_cache = cache.transpose(1, 2).split(16, dim=-1)
         assert (key_cache[3, 5, 1] == 1.5).all() and (value_cache[2, 7, 0] == -2.5).all()
+
+
+@pytest.mark.parametrize("layout", ["cpu", "flash", "flash-nhd"])
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_gather_reads_every_position_through_the_block_row(layout, dtype):
+    g = torch.Generator().manual_seed(3)
+    cache, adapter = _paged(layout, 9, 2, 16, g)
+    cache = cache.to(torch.bfloat16)
+    key_cache, value_cache = adapter.split(cache)
+    row = torch.randperm(9, generator=g)[:6]
+    length = 5 * BS + 3                                 # a partial last block
+    keys = gather_keys(key_cache, row, length, dtype)
+    _, values = gather_prompt(key_cache, value_cache, row, length)
+    assert keys.shape == values.shape == (2, length, 16)
+    assert keys.dtype == (dtype or torch.bfloat16) and values.dtype == torch.bfloat16
+    for position in range(length):                      # the cache, one slot at a time
+        block, offset = row[position // BS], position % BS
+        assert torch.equal(keys[:, position], key_cache[block, :, offset].to(keys.dtype))
+        assert torch.equal(values[:, position], value_cache[block, :, offset])
 
 
 @pytest.mark.parametrize("layout", ["cpu", "flash", "flash-nhd"])

@@ -57,20 +57,47 @@ class Compaction:
     row: Tensor | None = None
 
 
-def _gather(cache: Tensor, block_row: Tensor, length: int) -> Tensor:
-    """``[Hkv, length, d]`` entries of positions ``[0, length)`` of one request's blocks."""
+def _gather(cache: Tensor, block_row: Tensor, length: int, dtype: torch.dtype | None = None
+            ) -> Tensor:
+    """``[Hkv, length, d]`` entries of positions ``[0, length)`` of one request's blocks, as
+    ``dtype`` (default: the cache's)."""
     block_size = cache.shape[2]
     num_blocks = -(-length // block_size)
     ids = block_row[:num_blocks].to(device=cache.device, dtype=torch.long)
+    if cache.device.type == "cpu":
+        return _gather_blocks(cache, ids.tolist(), length, dtype or cache.dtype)
     blocks = cache.index_select(0, ids)                          # [nb, Hkv, bs, d]
     heads = blocks.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, cache.shape[3])
-    return heads[:, :length]
+    return heads[:, :length].to(dtype or cache.dtype)
 
 
-def gather_keys(key_cache: Tensor, block_row: Tensor, length: int) -> Tensor:
+def _gather_blocks(cache: Tensor, ids: list[int], length: int, dtype: torch.dtype) -> Tensor:
+    """The CPU gather: ONE copy per block straight into the result, converting on the way
+    (``index_select`` then a head-major reshape copies twice, a dtype conversion a third time;
+    scoring gathers ``[0, end)`` once per prefill chunk, so this is paid per chunk).
+
+    The result is laid out like a block's entries: when positions are the fastest axis of the
+    cache (CPU_ATTN keys, stored ``[d, block_size]`` per head), as ``[Hkv, d, L]`` returned
+    transposed (still ``[Hkv, L, d]``), so that every copy moves whole rows.
+    """
+    _, num_heads, block_size, dim = cache.shape
+    span = len(ids) * block_size
+    if cache.stride(2) == 1 and dim > 1:
+        out = torch.empty(num_heads, dim, span, dtype=dtype)
+        for j, block in enumerate(ids):
+            out[:, :, j * block_size:(j + 1) * block_size].copy_(cache[block].transpose(1, 2))
+        return out.transpose(1, 2)[:, :length]
+    out = torch.empty(num_heads, span, dim, dtype=dtype)
+    for j, block in enumerate(ids):
+        out[:, j * block_size:(j + 1) * block_size].copy_(cache[block])
+    return out[:, :length]
+
+
+def gather_keys(key_cache: Tensor, block_row: Tensor, length: int,
+                dtype: torch.dtype | None = None) -> Tensor:
     """``[Hkv, length, d]`` keys of positions ``[0, length)`` of one request (for scoring, which
-    never reads values)."""
-    return _gather(key_cache, block_row, length)
+    never reads values), as ``dtype`` (default: the cache's)."""
+    return _gather(key_cache, block_row, length, dtype)
 
 
 def gather_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, length: int
@@ -97,7 +124,8 @@ def compact_prompt(key_cache: Tensor, value_cache: Tensor, block_row: Tensor, pl
         float32 ``[Hkv, P]`` accumulated attention (None for methods that need none).
     stored_keys : Tensor, optional
         The prompt's stored keys ``[Hkv, P, d]`` when the caller has just gathered them (scoring
-        did), so they are not gathered twice.
+        did), so they are not gathered twice; for a cache of plain numbers they may be in
+        float32 (the same numbers).
     codec : KVCodec, optional
         What the cache entries mean (default: plain numbers of the cache's dtype). Compression
         runs on the decoded numbers; kept entries that nothing merged into keep their stored

@@ -194,7 +194,11 @@ def _score(req: WorkerRequest, layer_name: str, queries: Tensor, first: int, end
         if acc is None:
             acc = req.accumulators[layer_name] = AttentionAccumulator(key_cache.shape[1],
                                                                       scale=scale)
-        stored_keys = gather_keys(key_cache, block_row, end)                # values unused
+        # On the CPU, a cache of plain numbers is gathered straight as float32, what scoring
+        # and the merge compute in (the same numbers: such a codec stores them as they are).
+        as_float = key_cache.device.type == "cpu" and isinstance(codec, PlainCodec)
+        stored_keys = gather_keys(key_cache, block_row, end,
+                                  torch.float32 if as_float else None)      # values unused
         acc.update(queries.transpose(0, 1), codec.decode(stored_keys, "key"), query_start=first)
     return stored_keys
 
