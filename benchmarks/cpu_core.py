@@ -183,13 +183,13 @@ def matmul_floor(queries: torch.Tensor, keys: torch.Tensor) -> None:
     num_kv_heads = keys.shape[0]
     group = num_q_heads // num_kv_heads
     q = queries.float().reshape(num_kv_heads, group, length, head_dim)
-    k = keys.float()
+    k_t = keys.float().transpose(1, 2).contiguous()   # the layout the accumulator multiplies
     step = max(scoring_module._CPU_MIN_ROWS,
                scoring_module._CPU_BLOCK_ELEMENTS // (num_q_heads * length))
     for first in range(0, length, step):
         last = min(first + step, length)
         block = q[:, :, first:last].reshape(num_kv_heads, -1, head_dim)
-        torch.bmm(block, k[:, :last].transpose(1, 2))
+        torch.bmm(block, k_t[:, :, :last])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # config.py imports this module (through selection.py): no ru
 _MAX_BLOCK_ELEMENTS = 1 << 24
 _CPU_BLOCK_ELEMENTS = 1 << 20
 _CPU_MIN_ROWS = 32
+_CPU_TRANSPOSE_MIN_ROWS = 512
 
 SNAPKV_POOL_KERNEL = 5
 
@@ -113,9 +114,16 @@ class AttentionAccumulator:
         # [Hq, Lq, d] -> [Hkv, group, Lq, d]: consecutive query heads share a KV head.
         q = (queries.to(torch.float32) * scale).reshape(num_kv_heads, group, num_queries, head_dim)
         k = keys.to(torch.float32)
+        k_t = k.transpose(1, 2)                                            # [Hkv, d, Lk]
         if keys.is_cuda:
             step = max(1, _MAX_BLOCK_ELEMENTS // (num_q_heads * num_keys))
         else:
+            # Row blocks of Q times a K^T whose rows are contiguous: 1.25-1.6x faster on the
+            # CPU than times the transposed view of [Hkv, L, d] keys. Worth its copy (~2 % of
+            # full scoring's products at 9.8k tokens) when there are many query rows; keys
+            # gathered from CPU_ATTN's blocks already come this way.
+            if k_t.stride(-1) != 1 and num_queries * group >= _CPU_TRANSPOSE_MIN_ROWS:
+                k_t = k_t.contiguous()
             # CPU caches favour ~4 MiB blocks (2x faster than 64 MiB at L=4.6k), but each head
             # needs enough query rows for an efficient matmul (32 heads x 9.8k keys: 3x faster).
             step = max(_CPU_MIN_ROWS, _CPU_BLOCK_ELEMENTS // (num_q_heads * num_keys))
@@ -125,7 +133,7 @@ class AttentionAccumulator:
             seen = query_start + last
             rows = group * (last - first)
             q_block = q[:, :, first:last].reshape(num_kv_heads, rows, head_dim)
-            logits = torch.bmm(q_block, k[:, :seen].transpose(1, 2))
+            logits = torch.bmm(q_block, k_t[:, :, :seen])
             # Only the keys at or after the block's first query can lie in its future: mask that
             # diagonal band, not the whole block.
             band = query_start + first
