@@ -5,7 +5,10 @@ in-process engine with each config, stepped by hand (``LLMEngine.step``) and eve
 the decode step is the median of the steps after the second token (LOOK-M compresses in the
 step that makes the second token, reported apart as ``second_step_ms``), measured side by side
 (arms interleaved, median of repeats). Each arm also reports its prefill step and LOOK-M's
-scoring + compression time (its own timers) as a share of the uncompressed arm's prefill. Two
+scoring + compression time (its own timers) as a share of the uncompressed arm's prefill, and
+what a preemption costs: the request is run again, preempted after its 6th token, and the
+engine time of its replay (prompt and outputs recomputed; a compressed request is scored and
+compressed again) is measured, with whether the greedy tokens match the unpreempted run. Two
 model shapes: the 4-layer tiny fixture and a wider 8-layer one whose KV reads weigh more per
 step.
 
@@ -25,6 +28,9 @@ from tqdm import tqdm
 
 ARMS = (("none", None), ("lookm-0.2", {"method": "lookm", "budget": 0.2}),
         ("lookm-0.1", {"method": "lookm", "budget": 0.1}))
+# The preemption measurement preempts the request once it has made this many tokens (compressed
+# by then), so its replay recomputes prompt + outputs in one go.
+PREEMPT_AT = 6
 SHAPES = {
     "tiny": {},
     "wide": {"hidden_size": 512, "num_heads": 8, "num_kv_heads": 8, "num_layers": 8,
@@ -72,6 +78,37 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
                 final = out if out.finished else final
         return final, times
 
+    def run_preempted(config, at: int):
+        """The same request preempted once it made ``at`` tokens (``LLM.reset_prefix_cache(
+        reset_running_requests=True)``, vLLM's public way to preempt every running request):
+        the engine time of the replay (prompt + outputs recomputed; for LOOK-M scored and
+        compressed again) up to the next token, and the token ids."""
+        params = SamplingParams(temperature=0.0, max_tokens=at + 4, ignore_eos=True,
+                                extra_args={"kv_compression": config} if config else None)
+        engine.add_request(f"decode-{next(runs)}", request, params)
+        preemptions = preemption_count()
+        made, replay, final, pending = 0, None, None, 0.0
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            outputs = engine.step()
+            pending += time.perf_counter() - start
+            for out in outputs:
+                made = len(out.outputs[0].token_ids)
+                if made == at + 1 and replay is None:
+                    replay = pending
+                pending = 0.0
+                final = out if out.finished else final
+            if made == at and replay is None and not llm.reset_prefix_cache(
+                    reset_running_requests=True):
+                raise RuntimeError("vLLM did not preempt the running request")
+        if preemption_count() != preemptions + 1:
+            raise RuntimeError("the request was not preempted exactly once")
+        return replay, list(final.outputs[0].token_ids)
+
+    def preemption_count() -> float:
+        return sum(metric.value for metric in llm.get_metrics()
+                   if metric.name == "vllm:num_preemptions")
+
     run(None)  # warm-up
     samples = {name: [] for name, _ in ARMS}
     stats = {}
@@ -82,6 +119,10 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
             samples[name].append({"prefill": times[0], "second": times[1], "decode": decode})
             stats[name] = (out.kv_transfer_params or {}).get("kv_compression")
             stats[name + ":prompt_tokens"] = len(out.prompt_token_ids)
+            replay, tokens = run_preempted(config, PREEMPT_AT)
+            samples[name][-1]["replay"] = replay
+            samples[name][-1]["replay_tokens_match"] = (
+                tokens == list(out.outputs[0].token_ids[:len(tokens)]))
     close_vllm(llm)
 
     def median(name, key):
@@ -104,6 +145,12 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
                       # the uncompressed arm's prefill of the same request
                       "overhead_ms": overhead,
                       "overhead_of_prefill": overhead / base_prefill,
+                      # preempted after PREEMPT_AT tokens: the replay up to the next token,
+                      # next to the uncompressed arm's replay; greedy tokens as without it?
+                      "preemption_replay_ms": median(name, "replay"),
+                      "replay_vs_none": median(name, "replay") / median("none", "replay"),
+                      "replay_tokens_match": all(s["replay_tokens_match"]
+                                                 for s in samples[name]),
                       "stats": stats[name]}
     return {"shape": shape, "model": SHAPES[shape], "steps": steps, "repeats": repeats,
             "arms": arms, "prompt_tokens": stats["none:prompt_tokens"],
@@ -134,7 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
                   f"  KV kept {kept}/{run['prompt_tokens']}  blocks freed {freed}  prefill "
                   f"{arm['prefill_ms']:.0f} ms, 2nd step {arm['second_step_ms']:.0f} ms, "
                   f"scoring + compression {arm['overhead_ms']:.1f} ms"
-                  f" = {arm['overhead_of_prefill']:.1%} of the uncompressed prefill")
+                  f" = {arm['overhead_of_prefill']:.1%} of the uncompressed prefill; "
+                  f"replay after a preemption {arm['preemption_replay_ms']:.0f} ms "
+                  f"(x{arm['replay_vs_none']:.2f}), tokens as unpreempted: "
+                  f"{arm['replay_tokens_match']}")
     print(f"wrote {out}")
     return report
 

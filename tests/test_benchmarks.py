@@ -81,6 +81,8 @@ def test_decode_quick(tmp_path):
         assert arm["prefill_ms"] > 0 and arm["second_step_ms"] > 0 and arm["overhead_ms"] > 0
         assert arm["overhead_of_prefill"] == arm["overhead_ms"] / run_["prefill_ms_none"]
     assert run_["arms"]["none"]["overhead_ms"] == 0
+    for arm in run_["arms"].values():  # preempted once (checked by the benchmark), replayed
+        assert arm["preemption_replay_ms"] > 0 and arm["replay_tokens_match"] is True
 
 
 def test_proxy_7b_quick(tmp_path):
