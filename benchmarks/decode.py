@@ -87,7 +87,7 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
                                 extra_args={"kv_compression": config} if config else None)
         engine.add_request(f"decode-{next(runs)}", request, params)
         preemptions = preemption_count()
-        made, replay, final, pending = 0, None, None, 0.0
+        made, preempted, replay, final, pending = 0, False, None, None, 0.0
         while engine.has_unfinished_requests():
             start = time.perf_counter()
             outputs = engine.step()
@@ -98,9 +98,10 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
                     replay = pending
                 pending = 0.0
                 final = out if out.finished else final
-            if made == at and replay is None and not llm.reset_prefix_cache(
-                    reset_running_requests=True):
-                raise RuntimeError("vLLM did not preempt the running request")
+            if made == at and not preempted:
+                preempted = llm.reset_prefix_cache(reset_running_requests=True)
+                if not preempted:
+                    raise RuntimeError("vLLM did not preempt the running request")
         if preemption_count() != preemptions + 1:
             raise RuntimeError("the request was not preempted exactly once")
         return replay, list(final.outputs[0].token_ids)
