@@ -161,9 +161,9 @@ class PagedPrompt:
                                  self.key_cache, self.row, scale, self.codec)
 
     def gather(self, chunk: int) -> None:
-        as_float = torch.float32 if isinstance(self.codec, PlainCodec) else None
+        dtype = layer_compute.scoring_gather_dtype(self.key_cache, self.codec)
         for first in range(0, self.length, chunk):
-            gather_keys(self.key_cache, self.row, min(first + chunk, self.length), as_float)
+            gather_keys(self.key_cache, self.row, min(first + chunk, self.length), dtype)
 
 
 def similarity_floor(evicted: torch.Tensor, kept: torch.Tensor) -> None:

@@ -194,13 +194,18 @@ def _score(req: WorkerRequest, layer_name: str, queries: Tensor, first: int, end
         if acc is None:
             acc = req.accumulators[layer_name] = AttentionAccumulator(key_cache.shape[1],
                                                                       scale=scale)
-        # On the CPU, a cache of plain numbers is gathered straight as float32, what scoring
-        # and the merge compute in (the same numbers: such a codec stores them as they are).
-        as_float = key_cache.device.type == "cpu" and isinstance(codec, PlainCodec)
         stored_keys = gather_keys(key_cache, block_row, end,
-                                  torch.float32 if as_float else None)      # values unused
+                                  scoring_gather_dtype(key_cache, codec))   # values unused
         acc.update(queries.transpose(0, 1), codec.decode(stored_keys, "key"), query_start=first)
     return stored_keys
+
+
+def scoring_gather_dtype(key_cache: Tensor, codec: KVCodec) -> torch.dtype | None:
+    """The dtype scoring gathers the prompt's keys in: on the CPU a cache of plain numbers is
+    gathered straight as float32, what scoring and the merge compute in (the same numbers: such
+    a codec stores them as they are); otherwise the cache's own (None)."""
+    plain_cpu = key_cache.device.type == "cpu" and isinstance(codec, PlainCodec)
+    return torch.float32 if plain_cpu else None
 
 
 def _compress_layer(req_id: str, req: WorkerRequest, layer_name: str, key_cache: Tensor,
