@@ -59,14 +59,19 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
     engine = llm.llm_engine
     runs = iter(range(1 << 30))
 
-    def run(config):
+    def run(config, max_tokens: int, preempt_at: int | None = None):
         """One request alone, stepped by hand: the engine time spent on each output token
         (token 1: the whole prefill, every chunk of it; token 2: that step, with LOOK-M's
-        deferred compression; then one decode step per token), ``times[n]`` for token n+1."""
-        params = SamplingParams(temperature=0.0, max_tokens=2 + steps, ignore_eos=True,
+        deferred compression; then one decode step per token), ``times[n]`` for token n+1.
+        ``preempt_at``: preempt the request once it made that many tokens
+        (``LLM.reset_prefix_cache(reset_running_requests=True)``, vLLM's public way to preempt
+        every running request), so ``times[preempt_at]`` is its replay (prompt + outputs
+        recomputed; for LOOK-M scored and compressed again) up to the next token."""
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                 extra_args={"kv_compression": config} if config else None)
         engine.add_request(f"decode-{next(runs)}", request, params)
-        times, final, pending = [], None, 0.0
+        preemptions = preemption_count()
+        times, final, pending, preempted = [], None, 0.0, False
         while engine.has_unfinished_requests():
             start = time.perf_counter()
             outputs = engine.step()
@@ -76,54 +81,33 @@ def measure(shape: str, images: int, image_tokens: int, steps: int, repeats: int
                 times.append(pending)
                 pending = 0.0
                 final = out if out.finished else final
-        return final, times
-
-    def run_preempted(config, at: int):
-        """The same request preempted once it made ``at`` tokens (``LLM.reset_prefix_cache(
-        reset_running_requests=True)``, vLLM's public way to preempt every running request):
-        the engine time of the replay (prompt + outputs recomputed; for LOOK-M scored and
-        compressed again) up to the next token, and the token ids."""
-        params = SamplingParams(temperature=0.0, max_tokens=at + 4, ignore_eos=True,
-                                extra_args={"kv_compression": config} if config else None)
-        engine.add_request(f"decode-{next(runs)}", request, params)
-        preemptions = preemption_count()
-        made, preempted, replay, final, pending = 0, False, None, None, 0.0
-        while engine.has_unfinished_requests():
-            start = time.perf_counter()
-            outputs = engine.step()
-            pending += time.perf_counter() - start
-            for out in outputs:
-                made = len(out.outputs[0].token_ids)
-                if made == at + 1 and replay is None:
-                    replay = pending
-                pending = 0.0
-                final = out if out.finished else final
-            if made == at and not preempted:
+            if len(times) == preempt_at and not preempted:
                 preempted = llm.reset_prefix_cache(reset_running_requests=True)
                 if not preempted:
                     raise RuntimeError("vLLM did not preempt the running request")
-        if preemption_count() != preemptions + 1:
-            raise RuntimeError("the request was not preempted exactly once")
-        return replay, list(final.outputs[0].token_ids)
+        if preemption_count() != preemptions + (preempt_at is not None):
+            raise RuntimeError("the request was not preempted as asked")
+        return final, times
 
     def preemption_count() -> float:
         return sum(metric.value for metric in llm.get_metrics()
                    if metric.name == "vllm:num_preemptions")
 
-    run(None)  # warm-up
+    run(None, 2 + steps)  # warm-up
     samples = {name: [] for name, _ in ARMS}
     stats = {}
     for _ in tqdm(range(repeats), desc=f"decode {shape}"):
         for name, config in ARMS:
-            out, times = run(config)
+            out, times = run(config, 2 + steps)
             decode = statistics.median(times[2:])
-            samples[name].append({"prefill": times[0], "second": times[1], "decode": decode})
             stats[name] = (out.kv_transfer_params or {}).get("kv_compression")
             stats[name + ":prompt_tokens"] = len(out.prompt_token_ids)
-            replay, tokens = run_preempted(config, PREEMPT_AT)
-            samples[name][-1]["replay"] = replay
-            samples[name][-1]["replay_tokens_match"] = (
-                tokens == list(out.outputs[0].token_ids[:len(tokens)]))
+            replayed, replay_times = run(config, PREEMPT_AT + 4, preempt_at=PREEMPT_AT)
+            tokens = list(replayed.outputs[0].token_ids)
+            samples[name].append({
+                "prefill": times[0], "second": times[1], "decode": decode,
+                "replay": replay_times[PREEMPT_AT],
+                "replay_tokens_match": tokens == list(out.outputs[0].token_ids[:len(tokens)])})
     close_vllm(llm)
 
     def median(name, key):
